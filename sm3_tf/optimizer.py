@@ -1,0 +1,270 @@
+"""`sm3_tf.SM3`: the SM3-II optimizer as a Keras 3 optimizer."""
+
+import keras
+from keras import ops
+
+from sm3_tf import rule
+
+_HALF_DTYPES = ("float16", "bfloat16")
+
+
+def _is_tensorflow():
+    return keras.backend.backend() == "tensorflow"
+
+
+def _check_range(name, value, low, high, low_open, high_open, allowed):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(
+            f"SM3 argument `{name}` must be a number in {allowed}; "
+            f"received {name}={value!r}."
+        )
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        raise ValueError(
+            f"SM3 argument `{name}` must be in {allowed}; "
+            f"received {name}={value!r}."
+        )
+
+
+@keras.saving.register_keras_serializable(package="sm3_tf")
+class SM3(keras.optimizers.Optimizer):
+    """Optimizer that implements SM3-II (Anil, Gupta, Koren and Singer, 2019).
+
+    SM3 is an adaptive optimizer like Adagrad whose second-moment statistics
+    cost almost no memory: a weight matrix of shape `(rows, cols)` keeps one
+    number per row and one per column instead of one per entry. Each step
+    estimates an entry's sum of squared gradients as the smaller of its row's
+    and its column's number, adds the new squared gradient, and resets every
+    row's (and column's) number to the largest estimate along it. A tensor of
+    shape `(d0, ..., dk)` keeps `d0 + ... + dk` numbers; scalars and vectors
+    keep a full Adagrad-style accumulator.
+
+    Sparse gradients (`tf.IndexedSlices`, as an `Embedding` produces on the
+    TensorFlow backend) take an exact sparse path that touches only the rows
+    in the batch and gives the same parameters as the dense rule.
+
+    Args:
+        learning_rate: A float, a
+            `keras.optimizers.schedules.LearningRateSchedule` instance, or a
+            callable that takes no arguments and returns the value to use.
+            Defaults to `0.1`. The running sum already shrinks the step, so no
+            decay is needed; the published recipes use a quadratic warm-up
+            (see `sm3_tf.schedules.QuadraticWarmup`).
+        momentum: Float in `[0, 1)`. Exponential moving average of the
+            preconditioned gradient, `m = momentum * m + (1 - momentum) * u`.
+            `0` keeps no momentum slot at all. Defaults to `0.9`.
+        beta2: Float in `(0, 1]`. `1.0` (default) is the paper's running sum
+            of squared gradients; a value below one replaces it by an
+            exponential moving average (no bias correction).
+        epsilon: Float `>= 0` added to the second moment inside the square
+            root. Entries whose second moment is zero get a zero update, so
+            `0` is valid. Defaults to `1e-30`.
+        {{base_optimizer_keyword_args}}
+
+    Reference:
+        - [Anil et al., 2019](https://arxiv.org/abs/1901.11150),
+          "Memory-Efficient Adaptive Optimization", NeurIPS 2019.
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.1,
+        momentum=0.9,
+        beta2=1.0,
+        epsilon=1e-30,
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        name="sm3",
+        **kwargs,
+    ):
+        if isinstance(learning_rate, (int, float)) and not isinstance(
+            learning_rate, bool
+        ):
+            _check_range(
+                "learning_rate", learning_rate, 0.0, float("inf"),
+                False, False, "[0, inf)",
+            )
+        _check_range("momentum", momentum, 0.0, 1.0, False, True, "[0, 1)")
+        _check_range("beta2", beta2, 0.0, 1.0, True, False, "(0, 1]")
+        _check_range(
+            "epsilon", epsilon, 0.0, float("inf"), False, False, "[0, inf)"
+        )
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            name=name,
+            **kwargs,
+        )
+        self.momentum = float(momentum)
+        self.beta2 = float(beta2)
+        self.epsilon = float(epsilon)
+
+    # ------------------------------------------------------------------ state
+
+    def build(self, var_list):
+        """Creates the accumulators (and momentum) for `var_list`, in order.
+
+        For each variable, in the order given: its accumulators (one per axis
+        for rank >= 2, `accumulator_dim0`, `accumulator_dim1`, ...; one of the
+        variable's shape, `accumulator`, for rank <= 1), then `momentum` when
+        `momentum > 0`. Keras saves optimizer variables by position, so this
+        order is part of the checkpoint format.
+        """
+        if self.built:
+            return
+        for variable in var_list:
+            if any(d is None for d in _static_shape(variable)):
+                raise ValueError(
+                    "SM3 needs variables with a fully known shape, to size "
+                    f"its per-dimension accumulators; variable "
+                    f"{_variable_name(variable)!r} has shape "
+                    f"{_static_shape(variable)}."
+                )
+        super().build(var_list)
+        self._accumulators = []
+        self._momentums = []
+        for variable in var_list:
+            shape = _static_shape(variable)
+            if self._overwrite_variable_with_gradient(variable) or (
+                0 in shape
+            ):
+                self._accumulators.append(None)
+                self._momentums.append(None)
+                continue
+            acc_dtype = _compute_dtype(variable.dtype)
+            if len(shape) <= 1:
+                accumulators = [
+                    self._add_slot(variable, "accumulator", shape, acc_dtype)
+                ]
+            else:
+                accumulators = [
+                    self._add_slot(
+                        variable, f"accumulator_dim{axis}", (size,), acc_dtype
+                    )
+                    for axis, size in enumerate(shape)
+                ]
+            self._accumulators.append(accumulators)
+            self._momentums.append(
+                self.add_variable_from_reference(variable, "momentum")
+                if self.momentum > 0
+                else None
+            )
+
+    def _add_slot(self, variable, slot_name, shape, dtype):
+        """An optimizer variable named after `variable`, placed beside it."""
+        name = f"{_variable_name(variable).replace('/', '_')}_{slot_name}"
+        if _is_tensorflow() and hasattr(self, "_distribution_strategy"):
+            colocate = getattr(variable, "value", variable)
+            with self._distribution_strategy.extended.colocate_vars_with(
+                colocate
+            ):
+                return self.add_variable(shape, dtype=dtype, name=name)
+        return self.add_variable(shape, dtype=dtype, name=name)
+
+    def accumulators_for(self, variable):
+        """The accumulator variables of a model variable (for inspection)."""
+        return list(self._accumulators[self._get_variable_index(variable)] or [])
+
+    def momentum_for(self, variable):
+        """The momentum variable of a model variable, or None."""
+        return self._momentums[self._get_variable_index(variable)]
+
+    # ------------------------------------------------------------------ step
+
+    def update_step(self, gradient, variable, learning_rate):
+        """Applies one SM3 step to `variable`."""
+        index = self._get_variable_index(variable)
+        accumulators = self._accumulators[index]
+        if accumulators is None:  # a zero-size variable: nothing to do
+            return
+        momentum = self._momentums[index]
+        if _is_tensorflow():
+            from sm3_tf import sparse
+
+            if sparse.is_sparse(gradient):
+                if self.beta2 < 1.0 or len(variable.shape) == 0:
+                    # With beta2 < 1 every row's statistics decay: the
+                    # step is dense by nature (spec, sparse rule 6).
+                    gradient = sparse.densify(gradient)
+                else:
+                    sparse.sparse_step(
+                        self, gradient, variable, accumulators, momentum,
+                        learning_rate,
+                    )
+                    return
+        compute_dtype = _compute_dtype(variable.dtype)
+        grad = ops.cast(gradient, compute_dtype)
+        update, new_accumulators = rule.dense_step(
+            grad,
+            [ops.convert_to_tensor(a) for a in accumulators],
+            self.beta2,
+            self.epsilon,
+        )
+        for acc, value in zip(accumulators, new_accumulators):
+            self.assign(acc, value)
+        self._apply_update(variable, momentum, update, learning_rate)
+
+    def _apply_update(self, variable, momentum, update, learning_rate):
+        """`m = momentum * m + (1 - momentum) * u; var -= lr * m`, dense."""
+        compute_dtype = update.dtype
+        lr = ops.cast(learning_rate, compute_dtype)
+        if momentum is None:
+            self.assign_sub(variable, ops.cast(lr * update, variable.dtype))
+            return
+        m = ops.cast(momentum, compute_dtype)
+        new_m = self.momentum * m + (1.0 - self.momentum) * update
+        self.assign(momentum, ops.cast(new_m, momentum.dtype))
+        self.assign_sub(variable, ops.cast(lr * new_m, variable.dtype))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "momentum": self.momentum,
+                "beta2": self.beta2,
+                "epsilon": self.epsilon,
+            }
+        )
+        return config
+
+
+def _static_shape(variable):
+    shape = variable.shape
+    if hasattr(shape, "as_list"):  # tf.TensorShape
+        if shape.rank is None:
+            return (None,)
+        return tuple(shape.as_list())
+    return tuple(shape)
+
+
+def _variable_name(variable):
+    return getattr(variable, "path", None) or str(variable.name).split(":")[0]
+
+
+def _compute_dtype(dtype):
+    """float32 for half-precision variables (so epsilon and small squares
+    survive), otherwise the variable's own dtype (float64 stays float64)."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    return "float32" if dtype in _HALF_DTYPES else dtype
+
+
+SM3.__doc__ = SM3.__doc__.replace(
+    "{{base_optimizer_keyword_args}}",
+    keras.src.optimizers.optimizer.base_optimizer_keyword_args,
+)

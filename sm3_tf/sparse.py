@@ -1,0 +1,125 @@
+"""The exact sparse SM3 step for `tf.IndexedSlices` gradients (TensorFlow only).
+
+A sparse gradient touches rows `indices` of a variable of shape
+`(d0, d1, ..., dk)`. The step equals the dense rule applied to the dense
+gradient (`../shared/docs/sm3-spec.md`, "Sparse gradients"):
+
+1. Slices of a repeated row are summed before anything is squared.
+2. For touched rows: `nu = min(acc_0[row], acc_1, ..., acc_k) + g * g`.
+3. `acc_0[row]` becomes the max of `nu` over the row (a scatter-max);
+   untouched rows keep theirs, as the dense rule would.
+4. `acc_i` (i >= 1) becomes `max(acc_i, max of nu over touched rows and the
+   other axes)`.
+5. momentum == 0: only the touched rows of the variable are read and written.
+   momentum > 0: every row's momentum decays, so every row moves.
+
+Shapes stay static (no `tf.unique`), so the step compiles under XLA: repeated
+rows are found by sorting the `n` indices, and every slice of a repeated row
+carries the row's summed gradient. Scatter-max is idempotent, so the duplicates
+are scattered as they are; additive scatters use only each row's first slice.
+"""
+
+import keras
+import tensorflow as tf
+
+from sm3_tf import rule
+
+
+def is_sparse(gradient):
+    return isinstance(gradient, tf.IndexedSlices)
+
+
+def densify(gradient):
+    """The dense gradient (duplicate rows summed, as `tf.IndexedSlices` means)."""
+    return tf.convert_to_tensor(gradient)
+
+
+def sum_repeated_rows(indices, values):
+    """Sums the slices of repeated indices, keeping static shapes.
+
+    Args:
+      indices: int tensor of shape `(n,)`, may repeat.
+      values: tensor of shape `(n, ...)`.
+
+    Returns:
+      `(summed, first)`: `summed[j]` is the sum of all slices whose index is
+      `indices[j]` (so repeats carry the same value), and `first[j]` is 1.0
+      for exactly one slice of each distinct index and 0.0 for the others.
+    """
+    n = tf.shape(indices)[0]
+    order = tf.argsort(indices, stable=True)
+    sorted_indices = tf.gather(indices, order)
+    starts = tf.concat(
+        [tf.ones([1], tf.bool)[:n], sorted_indices[1:] != sorted_indices[:-1]],
+        axis=0,
+    )
+    segment_of_sorted = tf.cumsum(tf.cast(starts, tf.int32)) - 1
+    segment = tf.scatter_nd(order[:, None], segment_of_sorted, [n])
+    first = tf.scatter_nd(order[:, None], tf.cast(starts, values.dtype), [n])
+    sums = tf.math.unsorted_segment_sum(values, segment, num_segments=n)
+    return tf.gather(sums, segment), first
+
+
+def _broadcast_rows(vector, rank):
+    """Lays a `(n,)` vector along axis 0 of a rank-`rank` tensor."""
+    return tf.reshape(vector, [-1] + [1] * (rank - 1))
+
+
+def sparse_step(optimizer, gradient, variable, accumulators, momentum,
+                learning_rate):
+    """Applies one exact sparse SM3 step (beta2 == 1) to `variable`.
+
+    Args:
+      optimizer: the `SM3` instance (for its hyperparameters).
+      gradient: a `tf.IndexedSlices` over axis 0 of `variable`.
+      variable: the model variable (Keras or tf variable).
+      accumulators: its accumulator variables, as `SM3.build` made them.
+      momentum: its momentum variable, or None.
+      learning_rate: the current learning rate.
+    """
+    var = _tf_variable(variable)
+    accs = [_tf_variable(a) for a in accumulators]
+    compute_dtype = accs[0].dtype
+    rank = len(var.shape)
+    indices = tf.cast(gradient.indices, tf.int32)
+    values = tf.cast(gradient.values, compute_dtype)
+    values = tf.reshape(values, [-1] + var.shape.as_list()[1:])
+    grad, first = sum_repeated_rows(indices, values)
+
+    if rank == 1:
+        nu = tf.gather(accs[0], indices) + tf.square(grad)
+        accs[0].scatter_max(tf.IndexedSlices(nu, indices))
+    else:
+        touched = tf.gather(accs[0], indices)
+        prev = rule.min_of_accumulators(
+            [tf.convert_to_tensor(a) for a in accs], leading=touched
+        )
+        nu = prev + tf.square(grad)
+        maxima = rule.max_over_all_axes_but_each(nu)
+        accs[0].scatter_max(tf.IndexedSlices(maxima[0], indices))
+        for acc, touched_max in zip(accs[1:], maxima[1:]):
+            # An empty slice reduces to -inf, which leaves acc unchanged.
+            acc.assign(tf.maximum(acc, touched_max))
+    update = rule.preconditioned(grad, nu, optimizer.epsilon)
+    update = update * _broadcast_rows(first, rank)
+    lr = tf.cast(learning_rate, compute_dtype)
+
+    if momentum is None:
+        var.scatter_sub(
+            tf.IndexedSlices(tf.cast(lr * update, var.dtype), indices)
+        )
+        return
+    m = _tf_variable(momentum)
+    beta1 = optimizer.momentum
+    m.assign(tf.cast(beta1 * tf.cast(m, compute_dtype), m.dtype))
+    m.scatter_add(
+        tf.IndexedSlices(tf.cast((1.0 - beta1) * update, m.dtype), indices)
+    )
+    var.assign_sub(tf.cast(lr * tf.cast(m, compute_dtype), var.dtype))
+
+
+def _tf_variable(variable):
+    """The `tf.Variable` behind a Keras variable."""
+    if isinstance(variable, keras.Variable):
+        return variable.value
+    return variable
