@@ -1,0 +1,56 @@
+"""Installs `sm3_tf`: `pip install .` (core), `pip install .[test]`, `.[trainers]`."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(
+    r'__version__ = "([^"]+)"', (HERE / "sm3_tf" / "__init__.py").read_text()
+).group(1)
+
+# The CPU build of TensorFlow: the GPU wheel is gigabytes, and the optimizer
+# does not need it. Users with a GPU install `tensorflow` themselves first;
+# pip then sees `tensorflow-cpu`'s requirement unmet only if they choose so,
+# hence the extra `gpu` that swaps the dependency.
+CORE = ["keras==3.15.1", "numpy>=1.26"]
+TF_CPU = ["tensorflow-cpu==2.21.0"]
+TF_GPU = ["tensorflow==2.21.0"]
+TEST = ["pytest==9.2.0", "hypothesis==6.170.17"]
+EXAMPLES = ["scikit-learn==1.9.1"]
+TRAINERS = [
+    "absl-py==2.5.1",
+    "tensorflow-datasets==4.9.10",
+    "importlib-resources==7.1.0",
+    "tensorboard==2.21.0",
+    "scikit-learn==1.9.1",
+]
+SCRIPTS = ["matplotlib==3.11.2"]
+
+setup(
+    name="sm3_tf",
+    version=VERSION,
+    description=(
+        "SM3, the memory-efficient adaptive optimizer (Anil et al., NeurIPS "
+        "2019), as a Keras 3 optimizer for TensorFlow, with XLA and sparse "
+        "(embedding) support."
+    ),
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["sm3_tf", "sm3_tf.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE + TF_CPU,
+    extras_require={
+        "test": TEST + EXAMPLES,
+        "examples": EXAMPLES,
+        "trainers": TRAINERS,
+        "scripts": TRAINERS + SCRIPTS,
+        "gpu": TF_GPU,
+    },
+    license="Apache-2.0",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,71 @@
+"""A NumPy transcription of ../shared/docs/sm3-spec.md, written for clarity.
+
+It reduces each axis directly (no pass-saving tricks) so that the package's
+faster implementation is checked against the plain statement of the rule.
+"""
+
+import numpy as np
+
+
+class SM3Reference:
+    """Dense SM3-II on one NumPy array, one `step(grad)` at a time."""
+
+    def __init__(self, var, learning_rate=0.1, momentum=0.9, beta2=1.0,
+                 epsilon=1e-30):
+        self.var = np.array(var)
+        self.lr = learning_rate
+        self.momentum = momentum
+        self.beta2 = beta2
+        self.epsilon = epsilon
+        dtype = self.var.dtype
+        if self.var.ndim <= 1:
+            self.acc = [np.zeros(self.var.shape, dtype)]
+        else:
+            self.acc = [np.zeros(d, dtype) for d in self.var.shape]
+        self.m = np.zeros_like(self.var)
+
+    def prev(self):
+        if self.var.ndim <= 1:
+            return self.acc[0]
+        prev = None
+        for axis, acc in enumerate(self.acc):
+            shape = [1] * self.var.ndim
+            shape[axis] = -1
+            laid = acc.reshape(shape)
+            prev = laid if prev is None else np.minimum(prev, laid)
+        return np.broadcast_to(prev, self.var.shape)
+
+    def step(self, grad):
+        grad = np.asarray(grad, self.var.dtype)
+        if self.var.size == 0:
+            return self.var
+        prev = self.prev()
+        if self.beta2 == 1.0:
+            nu = prev + grad * grad
+        else:
+            nu = self.beta2 * prev + (1 - self.beta2) * grad * grad
+        if self.var.ndim <= 1:
+            self.acc = [nu]
+        else:
+            axes = range(self.var.ndim)
+            self.acc = [
+                nu.max(axis=tuple(a for a in axes if a != i))
+                for i in axes
+            ]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u = np.where(nu > 0, grad / np.sqrt(nu + self.epsilon), 0.0)
+        u = u.astype(self.var.dtype)
+        if self.momentum > 0:
+            self.m = self.momentum * self.m + (1 - self.momentum) * u
+            self.var = self.var - self.lr * self.m
+        else:
+            self.var = self.var - self.lr * u
+        return self.var
+
+
+def dense_from_slices(indices, values, num_rows):
+    """The dense gradient of `IndexedSlices(values, indices)`: repeats summed."""
+    values = np.asarray(values)
+    dense = np.zeros((num_rows,) + values.shape[1:], values.dtype)
+    np.add.at(dense, np.asarray(indices, np.int64), values)
+    return dense
