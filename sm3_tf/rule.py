@@ -46,7 +46,7 @@ def min_of_accumulators(accumulators, leading=None):
 
 
 def max_over_all_axes_but_each(x):
-    """`[max of x over every axis but i for i in range(rank)]`, in few passes.
+    """`[max of x over every axis but i for i in range(rank)]`, for `x >= 0`.
 
     Reducing each axis separately reads the whole tensor once per axis. Instead
     the axes are split into a leading and a trailing half: one pass reduces the
@@ -54,16 +54,23 @@ def max_over_all_axes_but_each(x):
     half, and the halves recurse on those much smaller tensors. A rank-4 kernel
     costs two full passes instead of four. `max` is exact and associative, so the
     result is bit-identical to the direct reduction.
+
+    The reductions start from 0 (`nu` is never negative), so an empty `x`
+    (a sparse step that touches no row) reduces to 0 instead of failing.
     """
     rank = len(x.shape)
     if rank == 1:
         return [x]
     if rank == 2:
-        return [ops.max(x, axis=1), ops.max(x, axis=0)]
+        return [_max(x, axis=1), _max(x, axis=0)]
     split = rank // 2
-    leading = ops.max(x, axis=tuple(range(split, rank)))
-    trailing = ops.max(x, axis=tuple(range(split)))
+    leading = _max(x, axis=tuple(range(split, rank)))
+    trailing = _max(x, axis=tuple(range(split)))
     return max_over_all_axes_but_each(leading) + max_over_all_axes_but_each(trailing)
+
+
+def _max(x, axis):
+    return ops.max(x, axis=axis, initial=0.0)
 
 
 def second_moment(prev, grad, beta2):

@@ -98,7 +98,7 @@ def sparse_step(optimizer, gradient, variable, accumulators, momentum,
         maxima = rule.max_over_all_axes_but_each(nu)
         accs[0].scatter_max(tf.IndexedSlices(maxima[0], indices))
         for acc, touched_max in zip(accs[1:], maxima[1:]):
-            # An empty slice reduces to -inf, which leaves acc unchanged.
+            # An empty slice reduces to 0, which leaves acc unchanged.
             acc.assign(tf.maximum(acc, touched_max))
     update = rule.preconditioned(grad, nu, optimizer.epsilon)
     update = update * _broadcast_rows(first, rank)

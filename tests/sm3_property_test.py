@@ -1,0 +1,96 @@
+"""Property tests: the optimizer against the NumPy reference of the spec."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import tensorflow as tf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sm3_tf import SM3
+from sm3_tf import rule
+
+from numpy_reference import SM3Reference
+
+TOLERANCE = {"float32": dict(rtol=2e-5, atol=1e-6),
+             "float64": dict(rtol=1e-12, atol=1e-14)}
+
+shapes = st.lists(st.integers(0, 7), min_size=0, max_size=5).map(tuple)
+
+
+@st.composite
+def problems(draw):
+    shape = draw(shapes)
+    dtype = draw(st.sampled_from(["float32", "float64"]))
+    steps = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    grads = []
+    for _ in range(steps):
+        kind = draw(st.sampled_from(["normal", "normal", "zero", "sparse"]))
+        g = rng.normal(size=shape).astype(dtype)
+        if kind == "zero":
+            g = np.zeros(shape, dtype)
+        elif kind == "sparse":  # many exact zeros: nu == 0 entries
+            g = np.where(rng.random(shape) < 0.7, 0, g).astype(dtype)
+        grads.append(g)
+    return dict(
+        shape=shape,
+        dtype=dtype,
+        var=rng.normal(size=shape).astype(dtype),
+        grads=grads,
+        momentum=draw(st.sampled_from([0.0, 0.9, 0.5])),
+        beta2=draw(st.sampled_from([1.0, 0.99, 0.5])),
+        epsilon=draw(st.sampled_from([0.0, 1e-30, 1e-3])),
+    )
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_optimizer_matches_numpy_reference(p):
+    lr = 0.25  # exactly representable: Keras keeps it in a float32 variable
+    opt = SM3(learning_rate=lr, momentum=p["momentum"], beta2=p["beta2"],
+              epsilon=p["epsilon"])
+    var = keras.Variable(p["var"], dtype=p["dtype"])
+    ref = SM3Reference(p["var"], lr, p["momentum"], p["beta2"], p["epsilon"])
+    for g in p["grads"]:
+        opt.apply_gradients([(tf.constant(g), var)])
+        ref.step(g)
+        np.testing.assert_allclose(var.numpy(), ref.var, **TOLERANCE[p["dtype"]])
+        got = [a.numpy() for a in opt.accumulators_for(var)]
+        if var.shape and 0 not in var.shape:
+            assert len(got) == len(ref.acc)
+            for a, b in zip(got, ref.acc):
+                np.testing.assert_allclose(a, b, **TOLERANCE[p["dtype"]])
+    assert np.all(np.isfinite(var.numpy()))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=6).map(tuple),
+       st.integers(0, 2**31 - 1))
+def test_fewer_pass_reduction_equals_direct_reduction_bit_for_bit(shape, seed):
+    x = np.abs(np.random.default_rng(seed).normal(size=shape)).astype(np.float32)
+    got = rule.max_over_all_axes_but_each(tf.constant(x))
+    axes = range(len(shape))
+    for i, g in zip(axes, got):
+        want = x.max(axis=tuple(a for a in axes if a != i))
+        np.testing.assert_array_equal(np.asarray(g), want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems())
+def test_accumulators_never_decrease_with_running_sum(p):
+    opt = SM3(momentum=0.0, beta2=1.0)
+    var = keras.Variable(p["var"], dtype=p["dtype"])
+    before = None
+    for g in p["grads"]:
+        opt.apply_gradients([(tf.constant(g), var)])
+        now = [a.numpy().copy() for a in opt.accumulators_for(var)]
+        if before is not None:
+            for a, b in zip(now, before):
+                assert np.all(a >= b)
+        before = now
