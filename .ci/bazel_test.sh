@@ -46,14 +46,14 @@ if [ "${#args[@]}" -eq 0 ]; then args=("//:all"); fi
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 start=$(date +%s)
-status=0
-bazel "${startup[@]}" test --test_env=PATH="$TEST_PATH" "${args[@]}" 2>&1 \
-    | tee "$log" || status=$?
+set +e
+bazel "${startup[@]}" test --test_env=PATH="$TEST_PATH" "${args[@]}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+set -e
 end=$(date +%s)
 
 passed=$(grep -cE '^//[^ ]+ +(\(cached\) )?PASSED' "$log" || true)
-failed=$(grep -cE '^//[^ ]+ +(\(cached\) )?(FAILED|TIMEOUT|NO STATUS|INCOMPLETE|FLAKY|FAILED TO BUILD)' "$log" || true)
+failed=$(grep -cE '^//[^ ]+ +(\(cached\) )?(FAILED|TIMEOUT|NO STATUS|INCOMPLETE|FLAKY)' "$log" || true)
 echo "bazel test took $((end - start))s, exit status $status"
 echo "bazel: ${passed} passed, ${failed} failed"
 exit "$status"

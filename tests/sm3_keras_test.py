@@ -1,0 +1,280 @@
+"""SM3 inside Keras: fit, XLA, saving, mixed precision, base arguments, tf.distribute."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sm3_tf import SM3
+
+from numpy_reference import SM3Reference
+
+# ----------------------------------------------------------------- models
+
+
+def _data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 20, size=(n, 6)).astype("int32")
+    y = (tokens.sum(axis=1) % 3).astype("int32")
+    return tokens, y
+
+
+def _model(seed=0):
+    """An Embedding (sparse gradient), a convolution and a Dense layer."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((6,), dtype="int32"),
+        keras.layers.Embedding(20, 8),
+        keras.layers.Conv1D(8, 3, activation="relu"),
+        keras.layers.GlobalMaxPooling1D(),
+        keras.layers.Dense(3),
+    ])
+
+
+def _compile(model, optimizer, **kwargs):
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        **kwargs,
+    )
+    return model
+
+
+def _fit(model, epochs=2, batch_size=16, seed=0):
+    x, y = _data(seed=seed)
+    return model.fit(x, y, batch_size=batch_size, epochs=epochs,
+                     shuffle=False, verbose=0)
+
+
+def _weights(model):
+    return [w.numpy() for w in model.weights]
+
+
+def _assert_weights_close(a, b, atol=1e-5):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=atol, rtol=1e-5)
+
+
+# ----------------------------------------------------------------- fit
+
+
+def test_fit_with_and_without_xla_gives_the_same_weights():
+    results = []
+    for jit in (False, True):
+        model = _compile(_model(), SM3(learning_rate=0.05), jit_compile=jit)
+        history = _fit(model)
+        results.append(_weights(model))
+        assert history.history["loss"][-1] < history.history["loss"][0]
+    _assert_weights_close(*results)
+    before = _weights(_model())
+    assert any(np.abs(x - y).max() > 1e-3 for x, y in zip(before, results[0]))
+
+
+# ----------------------------------------------------------------- saving
+
+
+def test_keras_file_save_load_continues_exactly(tmp_path):
+    model = _compile(_model(), SM3(learning_rate=0.05))
+    _fit(model, epochs=1)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.optimizer, SM3)
+    assert loaded.optimizer.get_config() == model.optimizer.get_config()
+    _assert_weights_close(
+        [v.numpy() for v in loaded.optimizer.variables],
+        [v.numpy() for v in model.optimizer.variables], atol=0)
+    _fit(model, epochs=1, seed=1)
+    _fit(loaded, epochs=1, seed=1)
+    _assert_weights_close(_weights(loaded), _weights(model), atol=0)
+
+
+def test_tf_train_checkpoint_round_trip_continues_exactly(tmp_path):
+    model = _compile(_model(), SM3(learning_rate=0.05))
+    _fit(model, epochs=1)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    path = ckpt.save(str(tmp_path / "ckpt"))
+
+    fresh = _compile(_model(seed=7), SM3(learning_rate=0.05))
+    fresh.optimizer.build(fresh.trainable_variables)
+    status = tf.train.Checkpoint(model=fresh, optimizer=fresh.optimizer
+                                 ).restore(path)
+    status.assert_existing_objects_matched()
+    _assert_weights_close(
+        [v.numpy() for v in fresh.optimizer.variables],
+        [v.numpy() for v in model.optimizer.variables], atol=0)
+    _fit(model, epochs=1, seed=1)
+    _fit(fresh, epochs=1, seed=1)
+    _assert_weights_close(_weights(fresh), _weights(model), atol=0)
+
+
+# ----------------------------------------------------------------- mixed precision
+
+
+@pytest.fixture
+def mixed_float16():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_loss_scale_optimizer_trains_under_mixed_float16(mixed_float16):
+    opt = keras.optimizers.LossScaleOptimizer(SM3(learning_rate=0.05))
+    model = _compile(_model(), opt)
+    history = _fit(model, epochs=3)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_loss_scale_optimizer_skips_non_finite_step(mixed_float16):
+    inner = SM3(learning_rate=0.05, momentum=0.9)
+    opt = keras.optimizers.LossScaleOptimizer(inner)
+    var = keras.Variable(np.ones((3, 2), np.float32))
+    opt.apply_gradients([(tf.ones((3, 2)), var)])
+    state = [v.numpy().copy() for v in inner.variables[2:]]
+    weights = var.numpy().copy()
+    bad = tf.constant([[np.inf, 1.0], [1.0, 1.0], [np.nan, 1.0]])
+    opt.apply_gradients([(bad, var)])
+    np.testing.assert_array_equal(var.numpy(), weights)
+    for before, v in zip(state, inner.variables[2:]):
+        np.testing.assert_array_equal(v.numpy(), before)
+    opt.apply_gradients([(tf.ones((3, 2)), var)])
+    assert np.all(var.numpy() < weights)
+
+
+# ----------------------------------------------------------------- base arguments
+
+G = np.float32([[0.3, -0.2, 0.1], [2.0, 0.5, -1.5]])
+V0 = np.float32([[1.0, -1.0, 0.5], [0.2, 0.3, -0.4]])
+LR = 0.25
+
+
+def _run_sm3(steps=3, grads=None, **kwargs):
+    opt = SM3(learning_rate=kwargs.pop("learning_rate", LR), momentum=0.9,
+              **kwargs)
+    var = keras.Variable(V0)
+    for i in range(steps):
+        g = G * (i + 1) if grads is None else grads[i]
+        opt.apply_gradients([(tf.constant(g), var)])
+    return opt, var.numpy()
+
+
+def _reference(steps=3, transform=lambda g, var, i: g, lr=lambda i: LR,
+               decay=None):
+    ref = SM3Reference(V0, LR, 0.9, 1.0, 1e-30)
+    for i in range(steps):
+        if decay is not None:
+            ref.var = ref.var - ref.var * decay * lr(i)
+        ref.lr = lr(i)
+        ref.step(transform(G * (i + 1), ref.var, i))
+    return ref.var
+
+
+def test_without_base_arguments_matches_reference():
+    np.testing.assert_allclose(_run_sm3()[1], _reference(), rtol=1e-6)
+
+
+def test_weight_decay_is_decoupled_before_the_step():
+    _, got = _run_sm3(weight_decay=0.1)
+    np.testing.assert_allclose(got, _reference(decay=0.1), rtol=1e-6)
+    assert np.abs(got - _reference()).max() > 1e-3
+
+
+def test_clipnorm_clips_each_gradient_norm():
+    def clip(g, var, i):
+        return g * min(1.0, 0.5 / np.linalg.norm(g))
+    _, got = _run_sm3(clipnorm=0.5)
+    np.testing.assert_allclose(got, _reference(transform=clip), rtol=1e-5)
+    assert np.abs(got - _reference()).max() > 1e-3
+
+
+def test_global_clipnorm_clips_the_global_norm():
+    _, got = _run_sm3(global_clipnorm=0.5)
+    np.testing.assert_allclose(
+        got, _reference(transform=lambda g, v, i:
+                        g * min(1.0, 0.5 / np.linalg.norm(g))), rtol=1e-5)
+
+
+def test_clipvalue_clips_each_entry():
+    _, got = _run_sm3(clipvalue=0.4)
+    np.testing.assert_allclose(
+        got, _reference(transform=lambda g, v, i: np.clip(g, -0.4, 0.4)),
+        rtol=1e-6)
+    assert np.abs(got - _reference()).max() > 1e-3
+
+
+def test_loss_scale_factor_divides_gradients():
+    grads = [G * (i + 1) * 8.0 for i in range(3)]
+    _, got = _run_sm3(grads=grads, loss_scale_factor=8.0)
+    np.testing.assert_allclose(got, _reference(), rtol=1e-6)
+
+
+def test_learning_rate_schedule_is_followed():
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+        [0, 1], [0.25, 0.125, 0.0625])  # lr(step): step <= 0, <= 1, > 1
+    _, got = _run_sm3(learning_rate=schedule)
+    np.testing.assert_allclose(
+        got, _reference(lr=lambda i: [0.25, 0.125, 0.0625][i]), rtol=1e-6)
+    assert np.abs(got - _reference()).max() > 1e-3
+
+
+def test_callable_learning_rate():
+    _, got = _run_sm3(learning_rate=lambda: 0.25)
+    np.testing.assert_allclose(got, _reference(), rtol=1e-6)
+
+
+def test_gradient_accumulation_applies_the_mean_every_k_steps():
+    grads = [G, 3 * G, G, 3 * G]
+    opt, got = _run_sm3(steps=4, grads=grads, gradient_accumulation_steps=2)
+    ref = SM3Reference(V0, LR, 0.9, 1.0, 1e-30)
+    ref.step(2 * G)
+    ref.step(2 * G)
+    np.testing.assert_allclose(got, ref.var, rtol=1e-6)
+
+
+def test_use_ema_keeps_a_polyak_average_and_finalizes_to_it():
+    opt = SM3(learning_rate=LR, momentum=0.9, use_ema=True, ema_momentum=0.5)
+    var = keras.Variable(V0)
+    ref = SM3Reference(V0, LR, 0.9, 1.0, 1e-30)
+    average = None
+    for i in range(3):
+        opt.apply_gradients([(tf.constant(G * (i + 1)), var)])
+        ref.step(G * (i + 1))
+        average = ref.var if average is None else 0.5 * average + 0.5 * ref.var
+    np.testing.assert_allclose(var.numpy(), ref.var, rtol=1e-6)
+    opt.finalize_variable_values([var])
+    np.testing.assert_allclose(var.numpy(), average, rtol=1e-6)
+
+
+# ----------------------------------------------------------------- distribute
+
+
+def test_mirrored_strategy_two_replicas_matches_one_device():
+    cpus = tf.config.list_logical_devices("CPU")
+    if len(cpus) < 2:
+        pytest.skip("needs two logical CPUs, configured in conftest.py before "
+                    "TensorFlow starts; another import initialized it first")
+    model = _compile(_model(), SM3(learning_rate=0.05))
+    _fit(model)
+    strategy = tf.distribute.MirroredStrategy([c.name for c in cpus[:2]])
+    with strategy.scope():
+        mirrored = _compile(_model(), SM3(learning_rate=0.05))
+    _fit(mirrored)
+    _assert_weights_close(_weights(mirrored), _weights(model))
+    slots = mirrored.optimizer.variables[2:]
+    assert slots
+    for v in slots:
+        assert isinstance(v.value, tf.distribute.DistributedValues)
+        assert "Mirrored" in type(v.value).__name__, type(v.value)
+        copies = strategy.experimental_local_results(v.value)
+        assert len(copies) == 2
+        np.testing.assert_array_equal(copies[0].numpy(), copies[1].numpy())
+    # The embedding's per-axis accumulators sit with the embedding.
+    emb = mirrored.layers[0].embeddings
+    acc0 = mirrored.optimizer.accumulators_for(emb)[0]
+    assert acc0.value.device == emb.value.device
