@@ -8,14 +8,16 @@
 # BAZEL_OUTPUT_USER_ROOT: optional Bazel --output_user_root (default: Bazel's,
 #       under ~/.cache/bazel, outside the repository).
 # Installs Debian's bazel-bootstrap (Bazel 4.2.3) if `bazel` is missing.
-# Exits with Bazel's status: 0 when every test passed.
+# Test results are never taken from Bazel's cache (see below).
+# Exits with Bazel's status: 0 when every test passed, 3 when a test failed,
+# another non-zero status on any other error (2: the virtualenv is missing).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-VENV="${VENV:-$PWD/.venv}"
-VENV="$(cd "$VENV" 2>/dev/null && pwd)" || {
-    echo "bazel_test.sh: no virtualenv at ${VENV} (set VENV)" >&2
+venv_arg="${VENV:-$PWD/.venv}"
+VENV="$(cd "$venv_arg" 2>/dev/null && pwd)" || {
+    echo "bazel_test.sh: no virtualenv at ${venv_arg} (set VENV)" >&2
     exit 2
 }
 if ! "$VENV/bin/python3" -c "import pytest" >/dev/null 2>&1; then
@@ -47,7 +49,10 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 start=$(date +%s)
 set +e
-bazel "${startup[@]}" test --test_env=PATH="$TEST_PATH" "${args[@]}" 2>&1 | tee "$log"
+# --nocache_test_results: the venv is invisible to Bazel, so a cached PASSED
+# could hide a changed package; pass --cache_test_results=auto to allow it.
+bazel "${startup[@]}" test --test_env=PATH="$TEST_PATH" --nocache_test_results \
+    "${args[@]}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 end=$(date +%s)

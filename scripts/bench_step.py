@@ -1,0 +1,285 @@
+"""Times one optimizer step (`apply_gradients`) for SM3 and Keras's optimizers.
+
+    python scripts/bench_step.py [--models resnet50,transformer_big]
+        [--xla both|on|off] [--rounds 7] [--sparse] [--peak_memory]
+
+For each variable set (ResNet-50's, Transformer-Big's) and each optimizer,
+one `apply_gradients` inside a `tf.function` (with and without XLA) is timed.
+Rounds are interleaved (every optimizer once per round, in a rotating order)
+so that machine noise hits all alike, and the median is reported, with ratios
+of SM3 against SGD, SGD+momentum and Adam measured in the same process.
+
+`--sparse`: a 1,000,000 x 64 embedding, a batch touching 4,096 rows (with
+repeats), SM3 without momentum: the sparse step against the dense step on the
+same gradient.
+
+`--peak_memory`: for each optimizer, in a fresh process, the peak resident
+memory of the step above the memory held before it (variables, gradients and
+optimizer state already allocated), i.e. the step's temporaries. Read from
+Linux's VmHWM after resetting it through /proc/self/clear_refs.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import sm3_tf  # noqa: E402
+
+OPTIMIZERS = {
+    "sgd": lambda: keras.optimizers.SGD(1e-4),
+    "sgd_momentum": lambda: keras.optimizers.SGD(1e-4, momentum=0.9),
+    "adagrad": lambda: keras.optimizers.Adagrad(1e-4),
+    "adam": lambda: keras.optimizers.Adam(1e-4),
+    "adafactor": lambda: keras.optimizers.Adafactor(1e-4),
+    "sm3": lambda: sm3_tf.SM3(1e-4, momentum=0.9),
+    "sm3_no_momentum": lambda: sm3_tf.SM3(1e-4, momentum=0.0),
+}
+
+
+# ------------------------------------------------------------ variable sets
+
+
+def resnet50_shapes():
+    model = keras.applications.ResNet50(weights=None)
+    return [tuple(v.shape) for v in model.trainable_variables]
+
+
+def transformer_big_shapes(d=1024, ff=4096, layers=6, vocab=32000):
+    """Vaswani et al.'s big Transformer: shared embedding, 6+6 layers."""
+    def attention():
+        return [(d, d), (d,)] * 4
+
+    def feed_forward():
+        return [(d, ff), (ff,), (ff, d), (d,)]
+
+    def norm():
+        return [(d,), (d,)]
+
+    shapes = [(vocab, d)]
+    for _ in range(layers):
+        shapes += attention() + norm() + feed_forward() + norm()
+    for _ in range(layers):
+        shapes += attention() + norm() + attention() + norm()
+        shapes += feed_forward() + norm()
+    return shapes + norm() * 2
+
+
+VARIABLE_SETS = {
+    "resnet50": resnet50_shapes,
+    "transformer_big": transformer_big_shapes,
+}
+
+
+def make_problem(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    variables, grads = [], []
+    for i, shape in enumerate(shapes):
+        init = rng.standard_normal(shape, dtype=np.float32) * 0.05
+        variables.append(keras.Variable(init, name=f"v{i}"))
+        grads.append(tf.constant(
+            rng.standard_normal(shape, dtype=np.float32) * 1e-3))
+    return variables, grads
+
+
+def step_function(optimizer, variables, grads, jit_compile):
+    optimizer.build(variables)
+
+    @tf.function(jit_compile=jit_compile)
+    def step():
+        optimizer.apply(grads, variables)
+        return optimizer.iterations
+
+    return step
+
+
+def time_interleaved(steps, rounds, warmup=2):
+    """`{name: median seconds}`, rounds interleaved in rotating order."""
+    names = list(steps)
+    for name in names:
+        for _ in range(warmup):
+            steps[name]().numpy()
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            steps[name]().numpy()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def report_ratios(label, med):
+    print(f"\n{label}: median step time (ms)")
+    for name, t in med.items():
+        print(f"  {name:16s} {1000 * t:9.1f}")
+    pairs = [
+        ("sm3", "sgd_momentum", 1.25), ("sm3", "adam", 0.85),
+        ("sm3_no_momentum", "sgd", 1.5), ("sm3", "adafactor", None),
+    ]
+    for a, b, bound in pairs:
+        if a in med and b in med:
+            ratio = med[a] / med[b]
+            target = f"  (target <= {bound})" if bound else ""
+            print(f"  {a} / {b}: {ratio:.2f}x{target}")
+
+
+def bench_dense(models, xla_modes, rounds, optimizers):
+    results = {}
+    for model in models:
+        shapes = VARIABLE_SETS[model]()
+        params = sum(int(np.prod(s)) for s in shapes)
+        print(f"\n== {model}: {len(shapes)} variables, {params / 1e6:.1f} M "
+              "parameters", flush=True)
+        variables, grads = make_problem(shapes)
+        for jit in xla_modes:
+            label = f"{model}, {'XLA' if jit else 'no XLA'}"
+            steps = {}
+            for name in optimizers:
+                start = time.perf_counter()
+                steps[name] = step_function(OPTIMIZERS[name](), variables,
+                                            grads, jit)
+                steps[name]().numpy()  # trace and compile
+                print(f"  compiled {name} in "
+                      f"{time.perf_counter() - start:.1f} s", flush=True)
+            med = time_interleaved(steps, rounds)
+            report_ratios(label, med)
+            results[label] = med
+            del steps
+    return results
+
+
+def bench_sparse(rounds, rows=1_000_000, dim=64, touched=4096):
+    rng = np.random.default_rng(0)
+    # Zipf-like ids: many repeats, as real token batches have.
+    ids = np.minimum(rng.zipf(1.2, size=touched) - 1, rows - 1).astype(np.int32)
+    values = tf.constant(rng.standard_normal((touched, dim), dtype=np.float32))
+    slices = tf.IndexedSlices(values, tf.constant(ids),
+                              tf.constant([rows, dim]))
+    dense = tf.convert_to_tensor(slices)
+    print(f"\n== sparse: embedding {rows} x {dim}, {touched} ids, "
+          f"{len(np.unique(ids))} distinct", flush=True)
+    results = {}
+    for jit in (False, True):
+        steps = {}
+        for kind, grad in (("sparse", slices), ("dense", dense)):
+            var = keras.Variable(np.zeros((rows, dim), np.float32))
+            opt = sm3_tf.SM3(1e-3, momentum=0.0)
+            opt.build([var])
+
+            def step(opt=opt, var=var, grad=grad):
+                opt.apply([grad], [var])
+                return opt.iterations
+
+            steps[kind] = tf.function(step, jit_compile=jit)
+        med = time_interleaved(steps, rounds)
+        label = f"sparse, {'XLA' if jit else 'no XLA'}"
+        print(f"{label}: sparse {1000 * med['sparse']:.2f} ms, dense "
+              f"{1000 * med['dense']:.2f} ms, ratio "
+              f"{med['sparse'] / med['dense']:.3f}x (target <= 0.1)")
+        results[label] = med
+    return results
+
+
+# ------------------------------------------------------------ peak memory
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_child(name, shape, jit):
+    """Runs in a fresh process: prints the step's temporaries in bytes."""
+    variables, grads = make_problem([shape])
+    step = step_function(OPTIMIZERS[name](), variables, grads, jit)
+    for _ in range(3):  # compile and let allocators settle
+        step().numpy()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    for _ in range(5):
+        step().numpy()
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"temporary_bytes": (peak - before) * 1024}))
+
+
+def bench_peak_memory(shape, xla_modes, optimizers):
+    var_bytes = int(np.prod(shape)) * 4
+    print(f"\n== peak memory of one step on a {shape} variable "
+          f"({var_bytes / 2**20:.0f} MiB); temporaries = VmHWM during the "
+          "steps minus VmRSS before them", flush=True)
+    results = {}
+    for jit in xla_modes:
+        for name in optimizers:
+            out = subprocess.run(
+                [sys.executable, __file__, "--_peak_child", name,
+                 "--_shape", ",".join(map(str, shape)),
+                 "--xla", "on" if jit else "off"],
+                capture_output=True, text=True, check=True)
+            temp = json.loads(out.stdout.strip().splitlines()[-1])
+            temp = temp["temporary_bytes"]
+            label = f"{name}, {'XLA' if jit else 'no XLA'}"
+            print(f"  {label:28s} {temp / 2**20:8.1f} MiB "
+                  f"({temp / var_bytes:.2f}x the variable)", flush=True)
+            results[label] = temp
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet50,transformer_big")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--xla", choices=["both", "on", "off"], default="both")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--sparse", action="store_true")
+    parser.add_argument("--peak_memory", action="store_true")
+    parser.add_argument("--no_dense", action="store_true",
+                        help="skip the dense step-time tables")
+    parser.add_argument("--json", help="write all medians to this file")
+    parser.add_argument("--_peak_child", help=argparse.SUPPRESS)
+    parser.add_argument("--_shape", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    xla_modes = {"both": [True, False], "on": [True], "off": [False]}[args.xla]
+    optimizers = args.optimizers.split(",")
+    for name in optimizers:
+        if name not in OPTIMIZERS:
+            parser.error(f"--optimizers: unknown {name!r}; choose from "
+                         f"{', '.join(OPTIMIZERS)}")
+    if args._peak_child:
+        shape = tuple(int(s) for s in args._shape.split(","))
+        peak_memory_child(args._peak_child, shape, xla_modes[0])
+        return
+    models = [m for m in args.models.split(",") if m]
+    for model in models:
+        if model not in VARIABLE_SETS:
+            parser.error(f"--models: unknown {model!r}; choose from "
+                         f"{', '.join(VARIABLE_SETS)}")
+    results = {}
+    if not args.no_dense:
+        results["dense"] = bench_dense(models, xla_modes, args.rounds,
+                                       optimizers)
+    if args.sparse:
+        results["sparse"] = bench_sparse(args.rounds)
+    if args.peak_memory:
+        results["peak_memory"] = bench_peak_memory((32000, 1024), xla_modes,
+                                                   optimizers)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
