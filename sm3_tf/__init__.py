@@ -5,8 +5,11 @@
     model.compile(optimizer=sm3_tf.SM3(learning_rate=0.1), ...)
 """
 
+from sm3_tf import memory
+from sm3_tf import schedules
 from sm3_tf.optimizer import SM3
+from sm3_tf.schedules import QuadraticWarmup
 
 __version__ = "0.1.0"
 
-__all__ = ["SM3", "__version__"]
+__all__ = ["SM3", "QuadraticWarmup", "memory", "schedules", "__version__"]

@@ -251,3 +251,29 @@ def test_float64_computes_in_float64():
 def test_package_exports():
     assert sm3_tf.SM3 is SM3
     assert isinstance(sm3_tf.__version__, str)
+
+
+def test_quadratic_warmup_schedule_and_cooldown():
+    schedule = sm3_tf.QuadraticWarmup(0.4, warmup_steps=10, total_steps=100,
+                                      cooldown_steps=20)
+    got = [float(schedule(s)) for s in (0, 5, 10, 50, 80, 90, 100)]
+    np.testing.assert_allclose(got, [0.0, 0.1, 0.4, 0.4, 0.4, 0.2, 0.0],
+                               rtol=1e-6, atol=1e-7)
+    again = sm3_tf.QuadraticWarmup.from_config(schedule.get_config())
+    assert again.get_config() == schedule.get_config()
+    plain = sm3_tf.QuadraticWarmup(0.4, warmup_steps=0)
+    assert float(plain(0)) == pytest.approx(0.4)
+    opt = SM3(learning_rate=schedule)
+    restored = keras.optimizers.deserialize(
+        json.loads(json.dumps(keras.optimizers.serialize(opt))))
+    assert isinstance(restored._learning_rate, sm3_tf.QuadraticWarmup)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(learning_rate=-1.0, warmup_steps=1), "learning_rate"),
+    (dict(learning_rate=0.1, warmup_steps=-1), "warmup_steps"),
+    (dict(learning_rate=0.1, warmup_steps=5, cooldown_steps=10), "total_steps"),
+])
+def test_quadratic_warmup_rejects_bad_arguments(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        sm3_tf.QuadraticWarmup(**kwargs)
