@@ -208,8 +208,23 @@ class SM3(keras.optimizers.Optimizer):
                         learning_rate,
                     )
                     return
-        compute_dtype = _compute_dtype(variable.dtype)
-        grad = ops.cast(gradient, compute_dtype)
+        if _is_tensorflow():
+            from sm3_tf import tf_compile
+
+            tf_compile.dense_update(
+                self, gradient, variable, accumulators, momentum,
+                learning_rate,
+            )
+            return
+        self._dense_update(
+            gradient, variable, accumulators, momentum, learning_rate
+        )
+
+    def _dense_update(
+        self, gradient, variable, accumulators, momentum, learning_rate
+    ):
+        """The dense rule on one variable and its state (any backend)."""
+        grad = ops.cast(gradient, _compute_dtype(variable.dtype))
         update, new_accumulators = rule.dense_step(
             grad,
             [ops.convert_to_tensor(a) for a in accumulators],

@@ -48,25 +48,39 @@ def min_of_accumulators(accumulators, leading=None):
 def max_over_all_axes_but_each(x):
     """`[max of x over every axis but i for i in range(rank)]`, for `x >= 0`.
 
-    Reducing each axis separately reads the whole tensor once per axis. Instead
-    the axes are split into a leading and a trailing half: one pass reduces the
-    trailing half (leaving a tensor over the leading axes), one pass the leading
-    half, and the halves recurse on those much smaller tensors. A rank-4 kernel
-    costs two full passes instead of four. `max` is exact and associative, so the
+    Reducing each axis separately reads the whole tensor once per axis.
+    Instead the axes are split into a leading and a trailing group: one pass
+    reduces the trailing group (leaving a tensor over the leading axes), one
+    pass the leading group, and each group recurses on its much smaller
+    tensor. The split is placed where the two small tensors are smallest, so
+    a (1, 1, 1024, 2048) kernel splits as (1, 1, 1024) | (2048), not as
+    (1, 1) | (1024, 2048), which would leave a full-size tensor to recurse on.
+    Any rank costs two full passes. `max` is exact and associative, so the
     result is bit-identical to the direct reduction.
 
     The reductions start from 0 (`nu` is never negative), so an empty `x`
     (a sparse step that touches no row) reduces to 0 instead of failing.
     """
-    rank = len(x.shape)
+    shape = tuple(x.shape)
+    rank = len(shape)
     if rank == 1:
         return [x]
-    if rank == 2:
-        return [_max(x, axis=1), _max(x, axis=0)]
-    split = rank // 2
+    split = min(
+        range(1, rank),
+        key=lambda k: _size(shape[:k]) + _size(shape[k:]),
+    )
     leading = _max(x, axis=tuple(range(split, rank)))
     trailing = _max(x, axis=tuple(range(split)))
-    return max_over_all_axes_but_each(leading) + max_over_all_axes_but_each(trailing)
+    return max_over_all_axes_but_each(leading) + max_over_all_axes_but_each(
+        trailing
+    )
+
+
+def _size(dims):
+    size = 1
+    for d in dims:
+        size *= d if d is not None else 2**31  # unknown rows: a large size
+    return size
 
 
 def _max(x, axis):
@@ -105,4 +119,25 @@ def dense_step(grad, accumulators, beta2, epsilon):
         return preconditioned(grad, nu, epsilon), [nu]
     prev = min_of_accumulators(accumulators)
     nu = second_moment(prev, grad, beta2)
-    return preconditioned(grad, nu, epsilon), max_over_all_axes_but_each(nu)
+    return (
+        preconditioned(grad, nu, epsilon),
+        max_over_all_axes_but_each(_nu_for_reductions(accumulators, grad, beta2)),
+    )
+
+
+def _nu_for_reductions(accumulators, grad, beta2):
+    """`nu` again, as `min_i(second_moment(acc_i, g))`, for the reductions.
+
+    Rounding is monotone, so `min_i fl(a_i + c) == fl(min_i a_i + c)`: this is
+    bit-identical to `nu`. It is written differently on purpose: XLA on CPU
+    cannot fuse a reduction with its producer, so the reductions need `nu` in
+    memory; if the update shared that expression it would read it back too,
+    where recomputing it from the gradient costs one pass less.
+    """
+    rank = len(grad.shape)
+    nu = None
+    for axis, acc in enumerate(accumulators):
+        laid = ops.reshape(acc, broadcast_shape(rank, axis, acc.shape[0]))
+        term = second_moment(laid, grad, beta2)
+        nu = term if nu is None else ops.minimum(nu, term)
+    return nu
