@@ -1,0 +1,1 @@
+"""Pieces shared by every trainer: strategy, optimizer, data loading, the loop."""
