@@ -35,6 +35,9 @@ import tensorflow as tf  # noqa: E402
 
 import sm3_tf  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import model_shapes  # noqa: E402
+
 OPTIMIZERS = {
     "sgd": lambda: keras.optimizers.SGD(1e-4),
     "sgd_momentum": lambda: keras.optimizers.SGD(1e-4, momentum=0.9),
@@ -48,35 +51,9 @@ OPTIMIZERS = {
 
 # ------------------------------------------------------------ variable sets
 
-
-def resnet50_shapes():
-    model = keras.applications.ResNet50(weights=None)
-    return [tuple(v.shape) for v in model.trainable_variables]
-
-
-def transformer_big_shapes(d=1024, ff=4096, layers=6, vocab=32000):
-    """Vaswani et al.'s big Transformer: shared embedding, 6+6 layers."""
-    def attention():
-        return [(d, d), (d,)] * 4
-
-    def feed_forward():
-        return [(d, ff), (ff,), (ff, d), (d,)]
-
-    def norm():
-        return [(d,), (d,)]
-
-    shapes = [(vocab, d)]
-    for _ in range(layers):
-        shapes += attention() + norm() + feed_forward() + norm()
-    for _ in range(layers):
-        shapes += attention() + norm() + attention() + norm()
-        shapes += feed_forward() + norm()
-    return shapes + norm() * 2
-
-
 VARIABLE_SETS = {
-    "resnet50": resnet50_shapes,
-    "transformer_big": transformer_big_shapes,
+    name: (lambda fn=fn: [shape for _, shape in fn()])
+    for name, fn in model_shapes.MODELS.items()
 }
 
 
