@@ -29,8 +29,8 @@ DEFAULTS = {
                     resnet_width=64, label_smoothing=0.0),
     "imagenet2012": dict(train_steps=112_590, batch_size=1024, resnet_depth=50,
                          resnet_width=64, label_smoothing=0.1),
-    "pydoc_reverse": dict(train_steps=1200, batch_size=64, transformer_size="small",
-                          vocab_size=1000, max_length=32, label_smoothing=0.1),
+    "pydoc_reverse": dict(train_steps=2000, batch_size=64, transformer_size="small",
+                          vocab_size=1000, max_length=24, label_smoothing=0.1),
     "wmt14_en_de": dict(train_steps=100_000, batch_size=512, transformer_size="base",
                         vocab_size=32_000, max_length=64, label_smoothing=0.1),
     "wmt14_en_fr": dict(train_steps=100_000, batch_size=512, transformer_size="base",
@@ -38,7 +38,7 @@ DEFAULTS = {
 }
 # Peak learning rates per optimizer; SM3's were tuned on the offline tasks.
 DEFAULT_LEARNING_RATE = {
-    ("resnet", "sm3"): 0.1, ("transformer", "sm3"): 0.1,
+    ("resnet", "sm3"): 0.1, ("transformer", "sm3"): 0.3,
     ("resnet", "adam"): 1e-3, ("transformer", "adam"): 5e-4,
     ("resnet", "adagrad"): 0.1, ("transformer", "adagrad"): 0.1,
     ("resnet", "adafactor"): 1e-3, ("transformer", "adafactor"): 1e-3,

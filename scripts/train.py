@@ -60,6 +60,7 @@ def main(argv):
     if "eval_seconds" in result:
         line += ": " + result["task"].quality_line(result)
     print(f"{line} ({minutes}m{seconds:02d}s on this run).", flush=True)
+    print(f"Final weights sha256 {result['weights_sha256']}", flush=True)
     return 0
 
 

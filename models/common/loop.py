@@ -23,6 +23,7 @@ across replicas are the gradient of the global mean.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -237,6 +238,15 @@ def train(task, strategy, optimizer_fn, config):
             log.write(record)
             result.update(record)
             if last or current % config.checkpoint_every == 0:
+                # The loss is measured before each step's update: the last
+                # update may still have made the weights non-finite.
+                if not all_finite(model.trainable_variables):
+                    raise NonFiniteLossError(
+                        f"{task.name}: the weights became NaN or infinite by "
+                        f"step {current} (last loss {loss}). Stopped without "
+                        "saving; the last good checkpoint is "
+                        f"{tf.train.latest_checkpoint(model_dir)}. Try a lower "
+                        "--learning_rate or a longer --warmup_steps.")
                 manager.save(checkpoint_number=current)
             preemption.save_checkpoint_if_preempted(checkpoint_number=current)
         if start_step >= config.train_steps:
@@ -257,14 +267,41 @@ def train(task, strategy, optimizer_fn, config):
             shutil.rmtree(os.path.dirname(write_dir), ignore_errors=True)
     result["train_seconds"] = time.time() - run_start
     result["model"] = model
+    result["weights_sha256"] = weights_digest(model)
     return result
+
+
+def all_finite(variables):
+    return all(bool(np.all(np.isfinite(v.numpy()))) for v in variables)
+
+
+def weights_digest(model):
+    """SHA-256 of every model weight's bytes: equal digests, equal models.
+
+    Lets separate processes (workers, a resumed run and a straight one)
+    compare their final weights exactly.
+    """
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+    return digest.hexdigest()
 
 
 def _make_evaluator(task, strategy, model, global_batch, config):
     """A function step -> eval metrics (prefixed `eval_`), logging them."""
 
     def replica_eval(batch):
-        return task.eval_outputs(model, batch)
+        if distribute.is_tpu(strategy):  # static shapes, never empty
+            return task.eval_outputs(model, batch)
+        # The last global batch may leave a replica with 0 examples, which
+        # some Keras layers cannot take: append one zero example and drop
+        # its outputs.
+        size = tf.shape(tf.nest.flatten(batch)[0])[0]
+        padded = tf.nest.map_structure(
+            lambda x: tf.pad(x, [[0, 1]] + [[0, 0]] * (x.shape.rank - 1))
+            if x.shape.rank else x, batch)
+        outputs = task.eval_outputs(model, padded)
+        return {k: v[:size] for k, v in outputs.items()}
 
     @tf.function
     def eval_batch(batch):

@@ -32,7 +32,7 @@ class TransformerParams:
 
 CONFIGS = {
     "tiny": TransformerParams(d_model=32, d_ff=64, num_heads=2, num_layers=1, dropout=0.0),
-    "small": TransformerParams(d_model=128, d_ff=512, num_heads=4, num_layers=2, dropout=0.1),
+    "small": TransformerParams(d_model=64, d_ff=256, num_heads=4, num_layers=2, dropout=0.1),
     "base": TransformerParams(d_model=512, d_ff=2048, num_heads=8, num_layers=6, dropout=0.1),
     "big": TransformerParams(d_model=1024, d_ff=4096, num_heads=16, num_layers=6, dropout=0.3),
 }
@@ -73,10 +73,13 @@ class _Attention(layers.Layer):
             dropout=params.dropout)
         self.dropout = layers.Dropout(params.dropout)
 
-    def call(self, x, context=None, mask=None, causal=False, training=False):
+    # `attention_mask`, not `mask`: Keras gives a `mask` argument its own
+    # meaning (propagated Keras masks).
+    def call(self, x, context=None, attention_mask=None, causal=False,
+             training=False):
         y = self.norm(x)
         context = y if context is None else context
-        y = self.attention(y, context, attention_mask=mask,
+        y = self.attention(y, context, attention_mask=attention_mask,
                            use_causal_mask=causal, training=training)
         return x + self.dropout(y, training=training)
 
@@ -124,7 +127,7 @@ class Transformer(keras.Model):
         mask = tf.not_equal(source, PAD_ID)[:, None, :]
         x = self._embed(source, training)
         for attention, ffn in zip(self.encoder_self, self.encoder_ffn):
-            x = attention(x, mask=mask, training=training)
+            x = attention(x, attention_mask=mask, training=training)
             x = ffn(x, training=training)
         return self.encoder_norm(x), mask
 
@@ -134,7 +137,8 @@ class Transformer(keras.Model):
         for self_attention, cross, ffn in zip(
                 self.decoder_self, self.decoder_cross, self.decoder_ffn):
             x = self_attention(x, causal=True, training=training)
-            x = cross(x, context=encoded, mask=source_mask, training=training)
+            x = cross(x, context=encoded, attention_mask=source_mask,
+                      training=training)
             x = ffn(x, training=training)
         x = self.decoder_norm(x)
         # The output projection is the embedding matrix (shared weights).
@@ -153,6 +157,7 @@ def shift_right(targets):
     return tf.pad(targets, [[0, 0], [1, 0]], constant_values=PAD_ID)[:, :-1]
 
 
+@tf.function
 def greedy_decode(model, source, max_length):
     """Argmax decoding; int32 [b, max_length], PAD_ID after the first EOS_ID.
 
@@ -174,6 +179,7 @@ def greedy_decode(model, source, max_length):
     return tokens[:, 1:]
 
 
+@tf.function
 def beam_search_decode(model, source, max_length, beam_size=4, alpha=0.6):
     """Beam search with the GNMT length penalty ((5 + len) / 6) ** alpha.
 

@@ -1,0 +1,238 @@
+"""Reference trainers (models/, scripts/train.py), in-process: flags, data, models.
+
+Every run here is tiny (a few steps of a tiny configuration); the runs that
+need their own process (multi-worker, kill -9, SIGTERM) are in
+trainers_distributed_test.py.
+"""
+
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import flags
+
+from models import train_lib
+from models.common import datasets
+from models.common import loop
+from models.common import optimizers
+from models.transformer import model as transformer_model
+
+TINY_RESNET = ["--model=resnet", "--resnet_depth=10", "--resnet_width=4"]
+TINY_TRANSFORMER = ["--model=transformer", "--transformer_size=tiny",
+                    "--vocab_size=64", "--max_length=16", "--beam_size=2"]
+
+
+def run(model_dir, *argv):
+    config = train_lib.config_from_flags(
+        train_lib.parse_flags([f"--model_dir={model_dir}", *argv]))
+    return train_lib.run(config)
+
+
+def read_metrics(model_dir):
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ------------------------------------------------------------------ flags
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--learning_rate=-1"], "learning_rate"),
+    (["--momentum=1"], "momentum"),
+    (["--beta2=0"], "beta2"),
+    (["--train_steps=0"], "train_steps"),
+    (["--warmup_steps=10", "--train_steps=5"], "warmup_steps"),
+    (["--optimizer=adam", "--cooldown_steps=3"], "cooldown_steps"),
+    (["--dataset=wmt14_en_de"], "dataset"),
+    (["--model=transformer", "--dataset=digits"], "dataset"),
+    (["--resnet_depth=20"], "resnet_depth"),
+    (["--tpu=grpc://10.0.0.1:8470", "--strategy=mirrored"], "tpu"),
+    (["--jit_compile", "--strategy=mirrored"], "jit_compile"),
+    (["--label_smoothing=1.5"], "label_smoothing"),
+])
+def test_bad_flag_value_names_the_flag(argv, flag):
+    with pytest.raises(flags.ValidationError, match=f"--{flag}"):
+        train_lib.config_from_flags(train_lib.parse_flags(argv))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--optimizer=lamb"], "optimizer"),
+    (["--strategy=parameter_server"], "strategy"),
+    (["--mixed_precision=float16"], "mixed_precision"),
+    (["--steps_per_loop=0"], "steps_per_loop"),
+])
+def test_absl_rejects_bad_enums_and_bounds_naming_the_flag(argv, flag):
+    with pytest.raises(flags.IllegalFlagValueError, match=flag):
+        train_lib.parse_flags(argv)
+
+
+def test_defaults_are_the_offline_jobs():
+    resnet = train_lib.config_from_flags(train_lib.parse_flags([]))
+    assert (resnet.model, resnet.dataset, resnet.optimizer) == ("resnet", "digits", "sm3")
+    assert resnet.strategy == "one_device"  # no GPU, no --tpu
+    assert resnet.warmup_steps == int(0.05 * resnet.train_steps)
+    transformer = train_lib.config_from_flags(
+        train_lib.parse_flags(["--model=transformer"]))
+    assert transformer.dataset == "pydoc_reverse"
+
+
+@pytest.mark.parametrize("name", optimizers.OPTIMIZERS)
+def test_every_optimizer_takes_a_step_with_its_schedule(name):
+    optimizer = optimizers.build_optimizer(
+        name, 0.1, train_steps=10, warmup_steps=2,
+        cooldown_steps=2 if name == "sm3" else 0)
+    variable = keras.Variable(np.ones([3, 2], np.float32))
+    # Every warm-up starts at a rate of 0: the first step changes nothing.
+    optimizer.apply_gradients([(tf.ones([3, 2]), variable)])
+    np.testing.assert_array_equal(variable.numpy(), 1.0)
+    if name == "sm3":
+        import sm3_tf
+        assert isinstance(optimizer, sm3_tf.SM3)
+        assert isinstance(optimizer._learning_rate, sm3_tf.QuadraticWarmup)
+        # Quadratic warm-up: (1/2)**2 of the peak at step 1 of 2.
+        assert optimizers.current_learning_rate(optimizer) == pytest.approx(0.025)
+    else:
+        assert optimizers.current_learning_rate(optimizer) == pytest.approx(0.05)
+    optimizer.apply_gradients([(tf.ones([3, 2]), variable)])
+    assert np.all(variable.numpy() < 1.0)
+
+
+# ------------------------------------------------------------------ runs
+
+
+def test_default_resnet_on_digits_learns_with_sm3_and_logs(tmp_path):
+    # The default job, shortened from 400 to 100 steps (README: the full one).
+    result = run(tmp_path, "--train_steps=100")
+    assert result["eval_accuracy"] >= 0.9, result
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [50, 100]
+    assert records[-1]["loss"] < records[0]["loss"]
+    for key in ("loss", "learning_rate", "steps_per_sec", "examples_per_sec",
+                "step_time_ms"):
+        assert math.isfinite(records[-1][key])
+    assert records[-1]["eval_accuracy"] == result["eval_accuracy"]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-100")
+    # A rerun with a larger --train_steps resumes at the checkpoint.
+    again = run(tmp_path, "--train_steps=102", "--steps_per_loop=2")
+    assert [r["step"] for r in read_metrics(tmp_path)][-1] == 102
+    assert again["step"] == 102
+
+
+@pytest.mark.parametrize("dataset, extra", [
+    ("imagenet2012", ["--image_size=64"]),  # the ImageNet stem and crops
+    ("cifar10", []),
+])
+def test_resnet_trains_on_tfds_mock_data(tmp_path, dataset, extra):
+    with tfds.testing.mock_data(num_examples=8):
+        result = run(tmp_path, *TINY_RESNET, f"--dataset={dataset}",
+                     "--data_dir=/nonexistent", "--train_steps=2",
+                     "--batch_size=4", "--steps_per_loop=1", *extra)
+    assert result["step"] == 2 and math.isfinite(result["loss"])
+    assert result["eval_examples"] == 8
+
+
+@pytest.mark.parametrize("dataset", ["wmt14_en_de", "wmt14_en_fr"])
+def test_transformer_trains_on_tfds_mock_data_and_scores_bleu(tmp_path, dataset):
+    with tfds.testing.mock_data(num_examples=8):
+        result = run(tmp_path, *TINY_TRANSFORMER, f"--dataset={dataset}",
+                     "--data_dir=/nonexistent", "--train_steps=2",
+                     "--batch_size=4", "--steps_per_loop=1")
+    assert result["step"] == 2 and math.isfinite(result["loss"])
+    assert 0.0 <= result["eval_bleu"] <= 100.0
+    assert result["eval_sentences"] == 8
+    assert os.listdir(os.path.join(tmp_path, "vocab")) == [
+        f"{dataset}_spm64.model"]
+
+
+def test_missing_dataset_fails_fast_naming_it_and_how_to_prepare(tmp_path):
+    start = time.time()
+    with pytest.raises(datasets.DatasetNotPreparedError) as error:
+        run(tmp_path / "run", *TINY_RESNET, "--dataset=cifar10",
+            f"--data_dir={tmp_path / 'empty'}", "--train_steps=2")
+    assert time.time() - start < 10
+    message = str(error.value)
+    assert "'cifar10'" in message and "tfds build cifar10" in message
+    assert "--data_dir" in message
+
+
+def test_mirrored_strategy_on_two_cpu_devices(tmp_path):
+    result = run(tmp_path, *TINY_RESNET, "--strategy=mirrored",
+                 "--train_steps=4", "--batch_size=16", "--steps_per_loop=2")
+    assert result["step"] == 4 and math.isfinite(result["loss"])
+    # 360 test digits over 2 replicas with a last partial batch: all counted.
+    assert result["eval_examples"] == 360
+    kernel = result["model"].trainable_variables[0]
+    replicas = kernel.value.values  # the Keras variable's tf.distribute one
+    assert len(replicas) == 2
+    np.testing.assert_array_equal(replicas[0].numpy(), replicas[1].numpy())
+
+
+def test_transformer_on_the_offline_task_under_xla(tmp_path):
+    result = run(tmp_path, "--model=transformer", "--transformer_size=tiny",
+                 "--jit_compile", "--train_steps=4", "--batch_size=8",
+                 "--steps_per_loop=2", "--eval_steps=1", "--beam_size=1")
+    assert result["step"] == 4 and math.isfinite(result["loss"])
+    assert result["eval_sentences"] == 8
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision(tmp_path, precision):
+    result = run(tmp_path, *TINY_RESNET, f"--mixed_precision={precision}",
+                 "--train_steps=2", "--batch_size=8", "--steps_per_loop=1",
+                 "--eval_steps=1")
+    assert math.isfinite(result["loss"])
+    assert result["model"].layers[1].compute_dtype == precision.split("_")[1]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    run(tmp_path, *TINY_RESNET, "--optimizer=sgd", "--train_steps=2",
+        "--batch_size=8", "--steps_per_loop=1", "--final_eval=false")
+    with pytest.raises(loop.NonFiniteLossError) as error:
+        run(tmp_path, *TINY_RESNET, "--optimizer=sgd", "--learning_rate=1e30",
+            "--warmup_steps=0", "--train_steps=20", "--batch_size=8",
+            "--steps_per_loop=1", "--checkpoint_every=1")
+    message = str(error.value)
+    assert "NaN or infinite" in message or "loss is" in message
+    bad_step = int(message.split(" step ")[1].split()[0].rstrip("."))
+    good = tf.train.latest_checkpoint(str(tmp_path))
+    assert f"the last good checkpoint is {good}." in message
+    assert 2 <= int(good.rsplit("-", 1)[1]) < bad_step < 20
+    reader = tf.train.load_checkpoint(good)
+    for key in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(key)
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            assert np.all(np.isfinite(value)), key
+
+
+def test_run_split_by_a_restart_equals_a_straight_run(tmp_path):
+    argv = [*TINY_RESNET, "--train_steps=8", "--batch_size=8",
+            "--steps_per_loop=2", "--checkpoint_every=2", "--final_eval=false"]
+    straight = run(tmp_path / "straight", *argv)
+    run(tmp_path / "split", *argv[:-3], "--train_steps=4", *argv[-2:])
+    split = run(tmp_path / "split", *argv)
+    assert split["weights_sha256"] == straight["weights_sha256"]
+
+
+def test_beam_search_with_one_beam_is_greedy_decoding():
+    tf.random.set_seed(1)
+    model = transformer_model.Transformer(
+        transformer_model.CONFIGS["tiny"], vocab_size=20, max_length=6)
+    source = tf.constant([[5, 6, 7, 1, 0, 0], [3, 1, 0, 0, 0, 0]])
+    model((source, source))
+    greedy = transformer_model.greedy_decode(model, source, 6)
+    beam = transformer_model.beam_search_decode(model, source, 6, beam_size=1)
+    np.testing.assert_array_equal(greedy.numpy(), beam.numpy())
+    wide = transformer_model.beam_search_decode(model, source, 6, beam_size=3)
+    assert wide.shape == (2, 6)
+    # After the end of sentence, only padding.
+    for row in wide.numpy():
+        ids = list(row)
+        if transformer_model.EOS_ID in ids:
+            assert not any(ids[ids.index(transformer_model.EOS_ID) + 1:])
