@@ -21,40 +21,44 @@ DEPTHS = {
 _BN = dict(momentum=0.9, epsilon=1e-5)
 
 
+def _bn(name, sync, **kwargs):
+    return layers.BatchNormalization(name=name, synchronized=sync, **_BN, **kwargs)
+
+
 def _conv(filters, kernel, stride, name):
     return layers.Conv2D(
         filters, kernel, strides=stride, padding="same", use_bias=False,
         kernel_initializer="he_normal", name=name)
 
 
-def _block(x, filters, stride, bottleneck, name):
+def _block(x, filters, stride, bottleneck, name, sync):
     """One residual block; `filters` is the block's inner width."""
     out_filters = filters * 4 if bottleneck else filters
     shortcut = x
     if stride != 1 or x.shape[-1] != out_filters:
         shortcut = _conv(out_filters, 1, stride, f"{name}_proj")(x)
-        shortcut = layers.BatchNormalization(name=f"{name}_proj_bn", **_BN)(shortcut)
+        shortcut = _bn(f"{name}_proj_bn", sync)(shortcut)
     if bottleneck:
         y = _conv(filters, 1, 1, f"{name}_conv1")(x)
-        y = layers.BatchNormalization(name=f"{name}_bn1", **_BN)(y)
+        y = _bn(f"{name}_bn1", sync)(y)
         y = layers.ReLU()(y)
         y = _conv(filters, 3, stride, f"{name}_conv2")(y)  # v1.5: stride here
-        y = layers.BatchNormalization(name=f"{name}_bn2", **_BN)(y)
+        y = _bn(f"{name}_bn2", sync)(y)
         y = layers.ReLU()(y)
         y = _conv(out_filters, 1, 1, f"{name}_conv3")(y)
     else:
         y = _conv(filters, 3, stride, f"{name}_conv1")(x)
-        y = layers.BatchNormalization(name=f"{name}_bn1", **_BN)(y)
+        y = _bn(f"{name}_bn1", sync)(y)
         y = layers.ReLU()(y)
         y = _conv(filters, 3, 1, f"{name}_conv2")(y)
     # Zero-initialized last BN: every block starts as the identity, which
     # makes large-batch training stable (Goyal et al. 2017).
-    y = layers.BatchNormalization(
-        name=f"{name}_bn_last", gamma_initializer="zeros", **_BN)(y)
+    y = _bn(f"{name}_bn_last", sync, gamma_initializer="zeros")(y)
     return layers.ReLU()(layers.Add()([shortcut, y]))
 
 
-def build_resnet(depth, num_classes, image_shape, width=64, small_images=False):
+def build_resnet(depth, num_classes, image_shape, width=64, small_images=False,
+                 sync_batch_norm=False):
     """A ResNet v1.5 classifier returning float32 logits.
 
     Args:
@@ -65,6 +69,10 @@ def build_resnet(depth, num_classes, image_shape, width=64, small_images=False):
         small_images: a 3x3 stride-1 stem without max-pooling, for images of
             32 pixels or fewer (CIFAR, digits), instead of the 7x7 stride-2
             stem and max-pool that ImageNet's 224 pixels call for.
+        sync_batch_norm: batch statistics over the global batch (an
+            all-reduce per layer). Keras 3 keeps a replica's moving averages
+            local (aggregation "none"), so without it the replicas' (and
+            workers') moving statistics drift apart.
     """
     if depth not in DEPTHS:
         raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}; got {depth}.")
@@ -74,7 +82,7 @@ def build_resnet(depth, num_classes, image_shape, width=64, small_images=False):
         x = _conv(width, 3, 1, "stem_conv")(inputs)
     else:
         x = _conv(width, 7, 2, "stem_conv")(inputs)
-    x = layers.BatchNormalization(name="stem_bn", **_BN)(x)
+    x = _bn("stem_bn", sync_batch_norm)(x)
     x = layers.ReLU()(x)
     if not small_images:
         x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
@@ -82,7 +90,7 @@ def build_resnet(depth, num_classes, image_shape, width=64, small_images=False):
         for index in range(count):
             stride = 2 if stage > 0 and index == 0 else 1
             x = _block(x, width * 2**stage, stride, bottleneck,
-                       f"stage{stage + 1}_block{index + 1}")
+                       f"stage{stage + 1}_block{index + 1}", sync_batch_norm)
     x = layers.GlobalAveragePooling2D()(x)
     # float32 logits even under a mixed-precision policy, for a stable softmax.
     logits = layers.Dense(num_classes, dtype="float32", name="logits",

@@ -38,7 +38,9 @@ class ImageClassificationTask:
         return model_lib.build_resnet(
             self.config.depth, self.num_classes,
             (self.image_size, self.image_size, channels),
-            width=self.config.width, small_images=self.image_size <= 32)
+            width=self.config.width, small_images=self.image_size <= 32,
+            # Called under the strategy's scope: it knows the replicas.
+            sync_batch_norm=tf.distribute.get_strategy().num_replicas_in_sync > 1)
 
     def train_dataset(self, global_batch_size, input_context, start_step=0):
         if self.config.dataset == "digits":

@@ -1,0 +1,165 @@
+"""scripts/train.py in its own processes: multi-worker, kill -9, SIGTERM, missing data.
+
+Every subprocess wait is bounded; a test that runs out of time kills what it
+started and fails.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "scripts", "train.py")
+TINY_RESNET = ["--model=resnet", "--resnet_depth=10", "--resnet_width=4"]
+
+
+def _env(**extra):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+    env.pop("TF_CONFIG", None)
+    env.update(extra)
+    return env
+
+
+def start(args, **env):
+    return subprocess.Popen(
+        [sys.executable, TRAIN, *args], cwd=ROOT, env=_env(**env),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process, timeout):
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        pytest.fail(f"train.py ran past {timeout}s:\n{output[-3000:]}")
+    return process.returncode, output
+
+
+def train(args, timeout=120):
+    return finish(start(args), timeout)
+
+
+def digest(output):
+    found = re.findall(r"Final weights sha256 ([0-9a-f]{64})", output)
+    assert found, output[-3000:]
+    return found[-1]
+
+
+def logged_steps(model_dir):
+    path = os.path.join(model_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+
+
+def wait_for_step(process, model_dir, step, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            output = process.communicate()[0]
+            pytest.fail(f"train.py ended before step {step}:\n{output[-3000:]}")
+        steps = logged_steps(model_dir)
+        if steps and steps[-1] >= step:
+            return steps[-1]
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail(f"train.py did not reach step {step} in {timeout}s")
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_missing_dataset_exits_within_10_seconds_with_how_to_prepare(tmp_path):
+    start_time = time.time()
+    code, output = train([*TINY_RESNET, "--dataset=imagenet2012",
+                          f"--data_dir={tmp_path / 'empty'}",
+                          f"--model_dir={tmp_path / 'run'}"], timeout=60)
+    elapsed = time.time() - start_time
+    assert code == 2, output[-3000:]
+    assert "'imagenet2012'" in output and "tfds build imagenet2012" in output
+    assert "--data_dir" in output and "downloads/manual" in output
+    assert elapsed < 10, f"took {elapsed:.1f}s (TensorFlow's import included)"
+
+
+def test_multi_worker_mirrored_two_processes_end_with_the_same_weights(tmp_path):
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    args = [*TINY_RESNET, "--strategy=multi_worker_mirrored", "--train_steps=6",
+            "--batch_size=16", "--steps_per_loop=2", f"--model_dir={tmp_path}"]
+    workers = [
+        start(args, TF_CONFIG=json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": i}}))
+        for i in range(2)]
+    try:
+        results = [finish(w, timeout=180) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    for code, output in results:
+        assert code == 0, output[-3000:]
+        assert "step 6: top-1 accuracy" in output, output[-3000:]
+    assert digest(results[0][1]) == digest(results[1][1])
+    # The chief wrote the logs and checkpoints; the other worker cleaned up.
+    assert logged_steps(tmp_path) == [2, 4, 6]
+    assert sorted(os.listdir(tmp_path)).count("tmp_worker") == 0
+
+
+def test_kill_9_then_rerun_resumes_and_matches_a_straight_run(tmp_path):
+    args = [*TINY_RESNET, "--train_steps=300", "--batch_size=16",
+            "--steps_per_loop=5", "--checkpoint_every=5", "--deterministic",
+            "--final_eval=false"]
+    code, straight = train([*args, f"--model_dir={tmp_path / 'straight'}"])
+    assert code == 0, straight[-3000:]
+
+    model_dir = str(tmp_path / "killed")
+    process = start([*args, f"--model_dir={model_dir}"])
+    wait_for_step(process, model_dir, 20, timeout=90)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    last = logged_steps(model_dir)[-1]
+    assert last < 300, "the run finished before it was killed"
+    with open(os.path.join(model_dir, "checkpoint")) as f:
+        saved = int(re.search(r'model_checkpoint_path: "ckpt-(\d+)"', f.read()).group(1))
+
+    code, resumed = train([*args, f"--model_dir={model_dir}"])
+    assert code == 0, resumed[-3000:]
+    start_step = int(re.search(r"at step (\d+)\.", resumed).group(1))
+    # It resumes from the last checkpoint on disk (at most one loop behind the
+    # last logged step: the kill may land between the log and the save).
+    assert start_step == saved and 15 <= saved <= last
+    assert digest(resumed) == digest(straight)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    model_dir = str(tmp_path)
+    process = start([*TINY_RESNET, "--train_steps=100000", "--batch_size=16",
+                     "--steps_per_loop=2", "--checkpoint_every=100000",
+                     f"--model_dir={model_dir}"])
+    wait_for_step(process, model_dir, 4, timeout=90)
+    process.send_signal(signal.SIGTERM)
+    code, output = finish(process, timeout=60)
+    assert code == 0, output[-3000:]
+    assert "Preempted at step" in output
+    checkpoints = [n for n in os.listdir(model_dir) if n.endswith(".index")]
+    # Only the preemption save wrote one: the periodic cadence is never reached.
+    assert len(checkpoints) == 1, checkpoints
+    saved = int(re.search(r"Preempted at step (\d+)", output).group(1))
+    assert checkpoints == [f"ckpt-{saved}.index"] and saved >= 4
