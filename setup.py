@@ -17,7 +17,10 @@ VERSION = re.search(
 CORE = ["keras==3.15.1", "numpy>=1.26"]
 TF_CPU = ["tensorflow-cpu==2.21.0"]
 TF_GPU = ["tensorflow==2.21.0"]
-TEST = ["pytest==9.2.0", "hypothesis==6.170.17"]
+# torch and jax (CPU builds, which install from local files here) run the
+# backend-neutrality test, tests/sm3_backends_test.py, on Keras's other backends.
+TEST = ["pytest==9.2.0", "hypothesis==6.170.17", "torch==2.13.0",
+        "jax==0.10.2", "jaxlib==0.10.2"]
 EXAMPLES = ["scikit-learn==1.9.1"]
 TRAINERS = [
     "absl-py==2.5.1",
@@ -25,6 +28,8 @@ TRAINERS = [
     "importlib-resources==7.1.0",
     "tensorboard==2.21.0",
     "scikit-learn==1.9.1",
+    "sentencepiece==0.2.3",
+    "sacrebleu==2.6.0",
 ]
 SCRIPTS = ["matplotlib==3.11.2"]
 
@@ -42,7 +47,9 @@ setup(
     python_requires=">=3.10",
     install_requires=CORE + TF_CPU,
     extras_require={
-        "test": TEST + EXAMPLES,
+        # The trainer tests (tests/trainers_*_test.py) import the trainers'
+        # dependencies, so the CI's `.[test]` installs them too.
+        "test": TEST + EXAMPLES + [p for p in TRAINERS if p not in EXAMPLES],
         "examples": EXAMPLES,
         "trainers": TRAINERS,
         "scripts": TRAINERS + SCRIPTS,

@@ -1,0 +1,53 @@
+"""Run as a script under KERAS_BACKEND=<name>: SM3's dense rule on that backend.
+
+Prints one JSON line: the largest difference from the NumPy reference after
+three steps (a rank-3 variable and a scalar), and `fit`'s first and last loss.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import keras  # noqa: E402
+
+from numpy_reference import SM3Reference  # noqa: E402
+from sm3_tf import SM3  # noqa: E402
+
+
+def main():
+    rng = np.random.default_rng(0)
+    opt = SM3(learning_rate=0.25, momentum=0.9, epsilon=0.0)
+    init = rng.normal(size=(3, 4, 2)).astype("float32")
+    var = keras.Variable(init)
+    scalar = keras.Variable(np.float32(0.5))
+    ref = SM3Reference(init, 0.25, 0.9, 1.0, 0.0)
+    ref_scalar = SM3Reference(np.float32(0.5), 0.25, 0.9, 1.0, 0.0)
+    for _ in range(3):
+        g = rng.normal(size=(3, 4, 2)).astype("float32")
+        opt.apply_gradients([
+            (keras.ops.convert_to_tensor(g), var),
+            (keras.ops.convert_to_tensor(np.float32(0.1)), scalar),
+        ])
+        ref.step(g)
+        ref_scalar.step(np.float32(0.1))
+    diff = max(
+        float(np.abs(keras.ops.convert_to_numpy(var) - ref.var).max()),
+        float(np.abs(keras.ops.convert_to_numpy(scalar) - ref_scalar.var)),
+    )
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)),
+                              keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(1)])
+    model.compile(optimizer=SM3(0.05), loss="mse")
+    x = rng.normal(size=(64, 4)).astype("float32")
+    history = model.fit(x, x.sum(1, keepdims=True), epochs=5, verbose=0)
+    print(json.dumps({"backend": keras.backend.backend(), "max_diff": diff,
+                      "losses": history.history["loss"]}))
+
+
+if __name__ == "__main__":
+    main()

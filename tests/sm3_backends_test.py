@@ -1,0 +1,35 @@
+"""The same SM3 class on Keras's other backends (dense rule via keras.ops)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                     "backend_check.py")
+
+
+def _run(backend):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+    root = os.path.dirname(os.path.dirname(CHECK))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    out = subprocess.run([sys.executable, CHECK], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("backend, module", [("torch", "torch"),
+                                             ("jax", "jax")])
+def test_dense_rule_and_fit_on_backend(backend, module):
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed (pip install "
+                    f"{'torch==2.13.0' if module == 'torch' else 'jax'})")
+    result = _run(backend)
+    assert result["backend"] == backend
+    assert result["max_diff"] < 1e-5
+    assert result["losses"][-1] < result["losses"][0]
