@@ -23,7 +23,7 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # pydoc_reverse) finish in a few minutes on 2 CPU cores.
 DEFAULT_DATASET = {"resnet": "digits", "transformer": "pydoc_reverse"}
 DEFAULTS = {
-    "digits": dict(train_steps=400, batch_size=64, resnet_depth=10,
+    "digits": dict(train_steps=600, batch_size=64, resnet_depth=18,
                    resnet_width=32, label_smoothing=0.0),
     "cifar10": dict(train_steps=40_000, batch_size=128, resnet_depth=18,
                     resnet_width=64, label_smoothing=0.0),

@@ -17,7 +17,9 @@ def default_strategy_name(tpu_address=None):
     """`tpu` when an address is given, `mirrored` with several GPUs, else one device."""
     if tpu_address:
         return "tpu"
-    if len(tf.config.list_logical_devices("GPU")) > 1:
+    # Physical, not logical: listing logical devices would start the runtime
+    # and forbid a later --cpu_devices split.
+    if len(tf.config.list_physical_devices("GPU")) > 1:
         return "mirrored"
     return "one_device"
 

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 
 import numpy as np
@@ -142,6 +143,9 @@ def train(task, strategy, optimizer_fn, config):
 
     # It restores the latest checkpoint in model_dir (every worker reads the
     # chief's), watches for SIGTERM, and saves at the next loop boundary.
+    # It replaces the SIGTERM handler; the old one comes back at the end, for
+    # callers (tests) that run the loop in-process.
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
     preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
         getattr(strategy, "cluster_resolver", None), checkpoint,
         checkpoint_dir=model_dir,
@@ -263,6 +267,8 @@ def train(task, strategy, optimizer_fn, config):
         result["step"] = int(step.numpy())
     finally:
         log.close()
+        if sigterm_handler is not None:
+            signal.signal(signal.SIGTERM, sigterm_handler)
         if not is_chief and os.path.isdir(os.path.dirname(write_dir)):
             shutil.rmtree(os.path.dirname(write_dir), ignore_errors=True)
     result["train_seconds"] = time.time() - run_start
