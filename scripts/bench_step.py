@@ -13,6 +13,9 @@ of SM3 against SGD, SGD+momentum and Adam measured in the same process.
 repeats), SM3 without momentum: the sparse step against the dense step on the
 same gradient.
 
+`--fit`: `model.fit` steps per second of a small Transformer (d 256, 2+2
+layers, vocab 8000), SM3 against Adam, epochs interleaved.
+
 `--peak_memory`: for each optimizer, in a fresh process, the peak resident
 memory of the step above the memory held before it (variables, gradients and
 optimizer state already allocated), i.e. the step's temporaries. Read from
@@ -135,6 +138,14 @@ def bench_dense(models, xla_modes, rounds, optimizers):
     return results
 
 
+def _apply_fn(optimizer, variable, grad):
+    def step():
+        optimizer.apply([grad], [variable])
+        return optimizer.iterations
+
+    return step
+
+
 def bench_sparse(rounds, rows=1_000_000, dim=64, touched=4096):
     rng = np.random.default_rng(0)
     # Zipf-like ids: many repeats, as real token batches have.
@@ -153,17 +164,61 @@ def bench_sparse(rounds, rows=1_000_000, dim=64, touched=4096):
             opt = sm3_tf.SM3(1e-3, momentum=0.0)
             opt.build([var])
 
-            def step(opt=opt, var=var, grad=grad):
-                opt.apply([grad], [var])
-                return opt.iterations
-
-            steps[kind] = tf.function(step, jit_compile=jit)
+            steps[kind] = tf.function(_apply_fn(opt, var, grad),
+                                      jit_compile=jit)
         med = time_interleaved(steps, rounds)
         label = f"sparse, {'XLA' if jit else 'no XLA'}"
         print(f"{label}: sparse {1000 * med['sparse']:.2f} ms, dense "
               f"{1000 * med['dense']:.2f} ms, ratio "
               f"{med['sparse'] / med['dense']:.3f}x (target <= 0.1)")
         results[label] = med
+    return results
+
+
+# ------------------------------------------------------------ model.fit
+
+
+def bench_fit(rounds, jit_modes, steps_per_round=20, batch_size=32,
+              length=32, vocab=8000):
+    """`model.fit` steps/s of a small Transformer, SM3 against Adam."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+    from models.transformer import model as transformer
+
+    params = transformer.TransformerParams(
+        d_model=256, d_ff=1024, num_heads=4, num_layers=2, dropout=0.0)
+    rng = np.random.default_rng(0)
+    src = rng.integers(2, vocab, (batch_size * steps_per_round, length))
+    tgt = rng.integers(2, vocab, (batch_size * steps_per_round, length))
+    data = tf.data.Dataset.from_tensor_slices(
+        ((src.astype("int32"), transformer.shift_right(tgt).numpy()),
+         tgt.astype("int32"))).batch(batch_size, drop_remainder=True).cache()
+    results = {}
+    for jit in jit_modes:
+        models = {}
+        for name in ("sm3", "adam"):
+            keras.utils.set_random_seed(0)
+            model = transformer.Transformer(params, vocab, length)
+            model.compile(
+                optimizer=OPTIMIZERS[name](),
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True),
+                jit_compile=jit)
+            model.fit(data, epochs=1, verbose=0)  # trace and compile
+            models[name] = model
+        times = {name: [] for name in models}
+        for r in range(rounds):
+            for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+                start = time.perf_counter()
+                models[name].fit(data, epochs=1, verbose=0)
+                times[name].append(time.perf_counter() - start)
+        rate = {name: steps_per_round / statistics.median(t)
+                for name, t in times.items()}
+        label = f"fit, small Transformer, {'XLA' if jit else 'no XLA'}"
+        print(f"\n{label}: steps/s SM3 {rate['sm3']:.2f}, Adam "
+              f"{rate['adam']:.2f}, ratio {rate['sm3'] / rate['adam']:.2f} "
+              "(target >= 1)", flush=True)
+        results[label] = rate
     return results
 
 
@@ -223,6 +278,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--sparse", action="store_true")
     parser.add_argument("--peak_memory", action="store_true")
+    parser.add_argument("--fit", action="store_true",
+                        help="model.fit steps/s on a small Transformer")
     parser.add_argument("--no_dense", action="store_true",
                         help="skip the dense step-time tables")
     parser.add_argument("--json", help="write all medians to this file")
@@ -250,6 +307,8 @@ def main():
                                        optimizers)
     if args.sparse:
         results["sparse"] = bench_sparse(args.rounds)
+    if args.fit:
+        results["fit"] = bench_fit(args.rounds, xla_modes)
     if args.peak_memory:
         results["peak_memory"] = bench_peak_memory((32000, 1024), xla_modes,
                                                    optimizers)
