@@ -165,10 +165,6 @@ def train(task, strategy, optimizer_fn, config):
     train_iterator = iter(train_dataset)
     manager = tf.train.CheckpointManager(
         checkpoint, write_dir, max_to_keep=config.keep_checkpoints)
-    start_step = int(step.numpy())
-    if start_step:
-        logging.info("Resumed %s from %s at step %d.", task.name,
-                     tf.train.latest_checkpoint(model_dir), start_step)
 
     def replica_step(batch):
         with tf.GradientTape() as tape:
@@ -234,10 +230,8 @@ def train(task, strategy, optimizer_fn, config):
                 steps_per_sec, steps_per_sec * global_batch,
                 _format_seconds(eta))
             last = current >= config.train_steps
-            if (config.eval_every and current % config.eval_every == 0
-                    and not (last and config.final_eval)):
-                record.update(eval_fn(current))
-            if last and config.final_eval:
+            if ((last and config.final_eval) or
+                    (config.eval_every and current % config.eval_every == 0)):
                 record.update(eval_fn(current))
             log.write(record)
             result.update(record)
