@@ -174,6 +174,12 @@ class RunConfig:
     beam_size: int
 
 
+_MODEL_FLAGS = {
+    "resnet": ("resnet_depth", "resnet_width", "image_size"),
+    "transformer": ("transformer_size", "vocab_size", "max_length", "beam_size"),
+}
+
+
 def _bad(flag, message):
     return flags.ValidationError(f"--{flag}: {message}")
 
@@ -184,6 +190,11 @@ def config_from_flags(fv):
     from models.resnet import model as resnet_model
     from models.transformer import data as transformer_data
 
+    other_model = {"resnet": "transformer", "transformer": "resnet"}[fv.model]
+    for name in _MODEL_FLAGS[other_model]:
+        if fv[name].present:
+            raise _bad(name, f"applies to --model={other_model}, not "
+                       f"--model={fv.model}.")
     dataset = fv.dataset or DEFAULT_DATASET[fv.model]
     allowed = resnet_data.DATASETS if fv.model == "resnet" else transformer_data.DATASETS
     if dataset not in allowed:

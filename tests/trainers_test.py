@@ -55,6 +55,8 @@ def read_metrics(model_dir):
     (["--tpu=grpc://10.0.0.1:8470", "--strategy=mirrored"], "tpu"),
     (["--jit_compile", "--strategy=mirrored"], "jit_compile"),
     (["--label_smoothing=1.5"], "label_smoothing"),
+    (["--beam_size=2"], "beam_size"),  # a Transformer flag on the ResNet
+    (["--model=transformer", "--resnet_depth=18"], "resnet_depth"),
 ])
 def test_bad_flag_value_names_the_flag(argv, flag):
     with pytest.raises(flags.ValidationError, match=f"--{flag}"):
