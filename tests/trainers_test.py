@@ -227,15 +227,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
             assert np.all(np.isfinite(value)), key
 
 
-def test_run_split_by_a_restart_equals_a_straight_run(tmp_path):
-    argv = [*TINY_RESNET, "--train_steps=8", "--batch_size=8",
-            "--steps_per_loop=2", "--checkpoint_every=2", "--final_eval=false"]
-    straight = run(tmp_path / "straight", *argv)
-    run(tmp_path / "split", *argv[:-3], "--train_steps=4", *argv[-2:])
-    split = run(tmp_path / "split", *argv)
-    assert split["weights_sha256"] == straight["weights_sha256"]
-
-
 def test_beam_search_with_one_beam_is_greedy_decoding():
     tf.random.set_seed(1)
     model = transformer_model.Transformer(
