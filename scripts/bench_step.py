@@ -16,10 +16,11 @@ same gradient.
 `--fit`: `model.fit` steps per second of a small Transformer (d 256, 2+2
 layers, vocab 8000), SM3 against Adam, epochs interleaved.
 
-`--peak_memory`: for each optimizer, in a fresh process, the peak resident
-memory of the step above the memory held before it (variables, gradients and
-optimizer state already allocated), i.e. the step's temporaries. Read from
-Linux's VmHWM after resetting it through /proc/self/clear_refs.
+`--peak_memory`: for each optimizer, in fresh processes, how far five steps
+raise the peak resident memory (Linux's VmHWM, reset through
+/proc/self/clear_refs once the variable, gradient and optimizer state exist),
+minus how far plain SGD's steps raise it: the temporaries the update
+allocates beyond SGD's, compared with the variable's own size.
 """
 
 import argparse
@@ -234,39 +235,58 @@ def _status_kib(field):
 
 
 def peak_memory_child(name, shape, jit):
-    """Runs in a fresh process: prints the step's temporaries in bytes."""
+    """Runs in a fresh process: prints how far the steps raise the peak RSS.
+
+    Measured from the moment the variable, its gradient and the optimizer's
+    state exist (so the state itself is not counted) over five steps, the
+    first of which also traces and compiles.
+    """
     variables, grads = make_problem([shape])
     step = step_function(OPTIMIZERS[name](), variables, grads, jit)
-    for _ in range(3):  # compile and let allocators settle
-        step().numpy()
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     for _ in range(5):
         step().numpy()
     peak = _status_kib("VmHWM")
-    print(json.dumps({"temporary_bytes": (peak - before) * 1024}))
+    print(json.dumps({"step_peak_bytes": (peak - before) * 1024}))
 
 
-def bench_peak_memory(shape, xla_modes, optimizers):
+def bench_peak_memory(shape, xla_modes, optimizers, repeats=3):
+    """Temporaries of each optimizer's step, above plain SGD's.
+
+    Each measurement runs in a fresh process; SGD's own rise (tracing,
+    compiling, the runtime's buffers) is the baseline subtracted, so what is
+    left is what the optimizer's update allocates beyond SGD's.
+    """
     var_bytes = int(np.prod(shape)) * 4
-    print(f"\n== peak memory of one step on a {shape} variable "
-          f"({var_bytes / 2**20:.0f} MiB); temporaries = VmHWM during the "
-          "steps minus VmRSS before them", flush=True)
+    print(f"\n== peak memory of the step on a {shape} variable "
+          f"({var_bytes / 2**20:.0f} MiB): the rise of VmHWM over five steps "
+          "(state already allocated), above SGD's rise; min of "
+          f"{repeats} fresh processes, spread in brackets", flush=True)
+    names = ["sgd"] + [n for n in optimizers if n != "sgd"]
     results = {}
     for jit in xla_modes:
-        for name in optimizers:
-            out = subprocess.run(
-                [sys.executable, __file__, "--_peak_child", name,
-                 "--_shape", ",".join(map(str, shape)),
-                 "--xla", "on" if jit else "off"],
-                capture_output=True, text=True, check=True)
-            temp = json.loads(out.stdout.strip().splitlines()[-1])
-            temp = temp["temporary_bytes"]
+        rises = {name: [] for name in names}
+        for _ in range(repeats):
+            for name in names:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--_peak_child", name,
+                     "--_shape", ",".join(map(str, shape)),
+                     "--xla", "on" if jit else "off"],
+                    capture_output=True, text=True, check=True)
+                rises[name].append(json.loads(
+                    out.stdout.strip().splitlines()[-1])["step_peak_bytes"])
+        base = min(rises["sgd"])
+        for name in names:
+            temp = min(rises[name]) - base
+            spread = max(rises[name]) - min(rises[name])
             label = f"{name}, {'XLA' if jit else 'no XLA'}"
             print(f"  {label:28s} {temp / 2**20:8.1f} MiB "
-                  f"({temp / var_bytes:.2f}x the variable)", flush=True)
-            results[label] = temp
+                  f"({temp / var_bytes:5.2f}x the variable) "
+                  f"[{spread / 2**20:.1f} MiB]", flush=True)
+            results[label] = {"temporary_bytes": temp, "spread_bytes": spread,
+                              "variable_bytes": var_bytes}
     return results
 
 
