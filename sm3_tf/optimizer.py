@@ -168,9 +168,13 @@ class SM3(keras.optimizers.Optimizer):
 
     def _add_slot(self, variable, slot_name, shape, dtype):
         """An optimizer variable named after `variable`, placed beside it."""
-        name = f"{_variable_name(variable).replace('/', '_')}_{slot_name}"
+        name = f"{_slot_prefix(variable)}_{slot_name}"
         if _is_tensorflow() and hasattr(self, "_distribution_strategy"):
-            colocate = getattr(variable, "value", variable)
+            colocate = (
+                variable.value
+                if isinstance(variable, keras.Variable)
+                else variable
+            )
             with self._distribution_strategy.extended.colocate_vars_with(
                 colocate
             ):
@@ -270,6 +274,14 @@ def _static_shape(variable):
 
 def _variable_name(variable):
     return getattr(variable, "path", None) or str(variable.name).split(":")[0]
+
+
+def _slot_prefix(variable):
+    """The prefix Keras's `add_variable_from_reference` gives slot names, so
+    that accumulators and momentum are named alike."""
+    if hasattr(variable, "path"):
+        return variable.path.replace("/", "_")
+    return str(variable.name).replace("/", "_").replace(":", "_")
 
 
 def _compute_dtype(dtype):

@@ -278,3 +278,38 @@ def test_mirrored_strategy_two_replicas_matches_one_device():
     emb = mirrored.layers[0].embeddings
     acc0 = mirrored.optimizer.accumulators_for(emb)[0]
     assert acc0.value.device == emb.value.device
+
+
+def test_plain_tf_variables_are_accepted_like_keras_variables():
+    tf_var = tf.Variable(V0, name="plain")
+    keras_var = keras.Variable(V0)
+    a, b = SM3(learning_rate=LR), SM3(learning_rate=LR)
+    for i in range(2):
+        a.apply_gradients([(tf.constant(G * (i + 1)), tf_var)])
+        b.apply_gradients([(tf.constant(G * (i + 1)), keras_var)])
+    np.testing.assert_array_equal(tf_var.numpy(), keras_var.numpy())
+    assert [v.name for v in a.variables[2:]] == [
+        "plain_0_accumulator_dim0", "plain_0_accumulator_dim1",
+        "plain_0_momentum"]
+
+
+def test_rule_is_traced_into_an_enclosing_xla_program():
+    # A nested compiled function inside a compiled step passes the variables
+    # by copy; sm3_tf traces the rule inline there instead.
+    from sm3_tf import tf_compile
+
+    seen = {}
+
+    @tf.function(jit_compile=True)
+    def compiled():
+        seen["compiled"] = tf_compile._in_xla_program()
+        return tf.constant(0)
+
+    @tf.function
+    def plain():
+        seen["plain"] = tf_compile._in_xla_program()
+        return tf.constant(0)
+
+    compiled()
+    plain()
+    assert seen == {"compiled": True, "plain": False}
