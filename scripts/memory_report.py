@@ -7,12 +7,16 @@ Counting (default): from the model's variable shapes (`sm3_tf.memory`), the
 state bytes each optimizer keeps, in total, per kind of variable (embeddings,
 dense kernels, conv kernels, vectors) and as a share of the parameters.
 
-`--measure`: trains the real model a few steps per optimizer, each in its own
-fresh process, and reads the process's peak resident memory (Linux VmHWM).
-The figure reported is the peak above plain SGD's peak (same model, data and
-batch): the optimizer's working set, its state *and* the temporaries its
-update creates. Each measurement is repeated (`--repeats`) and its spread
-shown: allocator and thread-pool noise is a few MiB.
+`--measure`: trains the real model per optimizer, each in its own fresh
+process, and reads Linux's resident-memory counters. After `--steps` steps
+(tracing and compiling done) freed memory is handed back (`malloc_trim`), the
+peak counter (VmHWM) is reset, and `--steps` more steps run: that peak is the
+steady working set, which holds the optimizer's state *and* the temporaries
+its update keeps (TensorFlow's allocator reuses them from step to step). The
+figure reported is that working set above plain SGD's (same model, data and
+batch); the first steps' peak, which also counts the compilers' memory, is
+shown beside it. Each measurement is repeated (`--repeats`), interleaved, and
+the spread shown.
 
 With `--measure`, the activation memory per example is measured too (SGD at
 two batch sizes), and the largest batch each optimizer leaves room for in
@@ -21,6 +25,7 @@ extra) / activation bytes per example.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -121,7 +126,7 @@ def _vm_kib(field):
     raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
-def measure_child(model, optimizer_name, batch_size, steps):
+def measure_child(model, optimizer_name, batch_size, steps, jit_compile):
     """In a fresh process: train `steps` steps, print the peak RSS in bytes."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -129,7 +134,7 @@ def measure_child(model, optimizer_name, batch_size, steps):
     net, loss_fn = _model_and_batch(model, batch_size)
     optimizer = _build_optimizer(optimizer_name)
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile)
     def train_step():
         with tf.GradientTape() as tape:
             loss = loss_fn()
@@ -139,67 +144,93 @@ def measure_child(model, optimizer_name, batch_size, steps):
 
     for _ in range(steps):
         train_step().numpy()
-    print(json.dumps({"peak_bytes": _vm_kib("VmHWM") * 1024}))
+    peak = _vm_kib("VmHWM") * 1024
+    # The steady working set: what the process holds once tracing and
+    # compiling are over and freed memory is handed back (the first steps'
+    # peak also counts the compilers' own memory), then the peak of more
+    # steps on top of it.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    for _ in range(steps):
+        train_step().numpy()
+    print(json.dumps({"peak_bytes": peak,
+                      "steady_bytes": _vm_kib("VmHWM") * 1024}))
 
 
-def _run_child(model, optimizer, batch_size, steps):
+def _run_child(model, optimizer, batch_size, steps, jit_compile):
     out = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--_child",
          f"--model={model}", f"--_optimizer={optimizer}",
-         f"--batch_size={batch_size}", f"--steps={steps}"],
+         f"--batch_size={batch_size}", f"--steps={steps}",
+         f"--jit_compile={jit_compile}"],
         capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"measuring {optimizer} on {model} failed:\n"
                            f"{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(model, optimizers, batch_size, steps, repeats, budget_gib):
+def measure(model, optimizers, batch_size, steps, repeats, budget_gib,
+            jit_compile):
     names = ["sgd"] + [o for o in optimizers if o != "sgd"]
-    peaks = {name: [] for name in names}
+    runs = {name: [] for name in names}
     for r in range(repeats):
         for name in names:  # interleaved: drift hits every optimizer alike
-            peaks[name].append(_run_child(model, name, batch_size, steps))
+            runs[name].append(_run_child(model, name, batch_size, steps,
+                                         jit_compile))
             print(f"  measured {name} (repeat {r + 1}/{repeats}): "
-                  f"{peaks[name][-1] / MiB:.0f} MiB peak", flush=True)
+                  f"{runs[name][-1]['steady_bytes'] / MiB:.0f} MiB steady, "
+                  f"{runs[name][-1]['peak_bytes'] / MiB:.0f} MiB first-steps "
+                  "peak", flush=True)
     small = max(1, batch_size // 2)
-    sgd_small = [_run_child(model, "sgd", small, steps) for _ in range(repeats)]
-    base = min(peaks["sgd"])
-    per_example = max(1, (base - min(sgd_small)) / (batch_size - small)) \
-        if batch_size > small else None
+    sgd_small = [_run_child(model, "sgd", small, steps, jit_compile)[
+        "steady_bytes"]
+                 for _ in range(repeats)]
+    base = min(r["steady_bytes"] for r in runs["sgd"])
+    base_peak = min(r["peak_bytes"] for r in runs["sgd"])
+    per_example = ((base - min(sgd_small)) / (batch_size - small)
+                   if batch_size > small else None)
+    if per_example is not None and per_example <= 0:
+        per_example = None  # lost in the noise: no batch estimate
     fixed = base - (per_example or 0) * batch_size
     result = {"batch_size": batch_size, "steps": steps,
-              "sgd_peak_bytes": base,
+              "jit_compile": jit_compile,
+              "sgd_steady_bytes": base, "sgd_peak_bytes": base_peak,
               "activation_bytes_per_example": per_example,
               "budget_bytes": budget_gib * 2**30, "optimizers": {}}
     for name in names:
-        extra = [p - base for p in peaks[name]]
-        best = min(peaks[name]) - base
-        row = {"extra_peak_bytes": best,
-               "spread_bytes": max(extra) - min(extra)}
+        steady = [r["steady_bytes"] - base for r in runs[name]]
+        row = {"extra_steady_bytes": min(steady),
+               "spread_bytes": max(steady) - min(steady),
+               "extra_first_steps_peak_bytes":
+                   min(r["peak_bytes"] for r in runs[name]) - base_peak}
         if per_example:
-            room = budget_gib * 2**30 - fixed - max(best, 0)
+            room = budget_gib * 2**30 - fixed - max(row["extra_steady_bytes"], 0)
             row["largest_batch"] = int(room // per_example)
         result["optimizers"][name] = row
     return result
 
 
 def print_measured(model, counted, measured):
-    print(f"\n{model}: measured peak memory above plain SGD, batch "
-          f"{measured['batch_size']}, {measured['steps']} steps; SGD's peak "
-          f"{measured['sgd_peak_bytes'] / MiB:.0f} MiB")
+    print(f"\n{model}: measured memory above plain SGD, batch "
+          f"{measured['batch_size']}, jit_compile={measured['jit_compile']}; "
+          "SGD's steady working set "
+          f"{measured['sgd_steady_bytes'] / MiB:.0f} MiB")
     per_example = measured["activation_bytes_per_example"]
     if per_example:
         print(f"activations: {per_example / MiB:.1f} MiB per example; "
               f"largest batch in {measured['budget_bytes'] / 2**30:.0f} GiB")
-    print(f"{'optimizer':36s} {'extra peak MiB':>15s} {'spread':>8s} "
-          f"{'counted state MiB':>18s} {'largest batch':>14s}")
+    print(f"{'optimizer':36s} {'steady MiB':>11s} {'spread':>7s} "
+          f"{'1st-steps peak':>15s} {'counted state':>14s} "
+          f"{'largest batch':>14s}")
     for name, row in measured["optimizers"].items():
         state = counted["optimizers"].get(name, {}).get("state_bytes", 0)
         label = counted["optimizers"].get(name, {}).get("label", name)
-        print(f"{label:36s} {row['extra_peak_bytes'] / MiB:15.1f} "
-              f"{row['spread_bytes'] / MiB:8.1f} {state / MiB:18.1f} "
-              f"{row.get('largest_batch', '-'):>14}")
+        print(f"{label:36s} {row['extra_steady_bytes'] / MiB:11.1f} "
+              f"{row['spread_bytes'] / MiB:7.1f} "
+              f"{row['extra_first_steps_peak_bytes'] / MiB:15.1f} "
+              f"{state / MiB:14.1f} {row.get('largest_batch', '-'):>14}")
 
 
 def main():
@@ -217,6 +248,9 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--budget_gib", type=float, default=16.0)
+    parser.add_argument("--jit_compile", choices=("true", "false"),
+                        default="false",
+                        help="compile each training step whole with XLA")
     parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--_optimizer", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -225,7 +259,8 @@ def main():
         parser.error(f"--model: unknown {args.model!r}; choose from "
                      f"{', '.join(model_shapes.MODELS)}")
     if args._child:
-        measure_child(args.model, args._optimizer, args.batch_size, args.steps)
+        measure_child(args.model, args._optimizer, args.batch_size,
+                      args.steps, args.jit_compile == "true")
         return
     from sm3_tf import memory
 
@@ -246,7 +281,8 @@ def main():
             parser.error(f"--measure supports --model in {MEASURABLE}")
         measurable = [o for o in optimizers if o != "adafactor_factored"]
         output["measured"] = measure(args.model, measurable, args.batch_size,
-                                     args.steps, args.repeats, args.budget_gib)
+                                     args.steps, args.repeats, args.budget_gib,
+                                     args.jit_compile)
         if not args.json:
             print_measured(args.model, counted, output["measured"])
     if args.json:
