@@ -40,17 +40,11 @@ import tensorflow as tf  # noqa: E402
 import sm3_tf  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 import model_shapes  # noqa: E402
 
-OPTIMIZERS = {
-    "sgd": lambda: keras.optimizers.SGD(1e-4),
-    "sgd_momentum": lambda: keras.optimizers.SGD(1e-4, momentum=0.9),
-    "adagrad": lambda: keras.optimizers.Adagrad(1e-4),
-    "adam": lambda: keras.optimizers.Adam(1e-4),
-    "adafactor": lambda: keras.optimizers.Adafactor(1e-4),
-    "sm3": lambda: sm3_tf.SM3(1e-4, momentum=0.9),
-    "sm3_no_momentum": lambda: sm3_tf.SM3(1e-4, momentum=0.0),
-}
+OPTIMIZERS = {name: (lambda name=name: harness.build_optimizer(name))
+              for name in harness.OPTIMIZER_NAMES}
 
 
 # ------------------------------------------------------------ variable sets
@@ -226,14 +220,6 @@ def bench_fit(rounds, jit_modes, steps_per_round=20, batch_size=32,
 # ------------------------------------------------------------ peak memory
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_memory_child(name, shape, jit):
     """Runs in a fresh process: prints how far the steps raise the peak RSS.
 
@@ -243,12 +229,11 @@ def peak_memory_child(name, shape, jit):
     """
     variables, grads = make_problem([shape])
     step = step_function(OPTIMIZERS[name](), variables, grads, jit)
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
+    before = harness.status_kib("VmRSS")
+    harness.reset_peak_rss()
     for _ in range(5):
         step().numpy()
-    peak = _status_kib("VmHWM")
+    peak = harness.status_kib("VmHWM")
     print(json.dumps({"step_peak_bytes": (peak - before) * 1024}))
 
 

@@ -30,7 +30,6 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
 import sm3_tf  # noqa: E402
 from quickstart import build_model, load_digits  # noqa: E402

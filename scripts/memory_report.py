@@ -25,7 +25,6 @@ extra) / activation bytes per example.
 """
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -35,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+import harness  # noqa: E402
 import model_shapes  # noqa: E402
 
 MiB = 2**20
@@ -67,22 +67,6 @@ def print_counts(model, report):
 
 
 # ------------------------------------------------------------------ measuring
-
-
-def _build_optimizer(name):
-    import keras
-
-    import sm3_tf
-
-    return {
-        "sgd": lambda: keras.optimizers.SGD(1e-3),
-        "sgd_momentum": lambda: keras.optimizers.SGD(1e-3, momentum=0.9),
-        "adagrad": lambda: keras.optimizers.Adagrad(1e-3),
-        "adam": lambda: keras.optimizers.Adam(1e-4),
-        "adafactor_keras": lambda: keras.optimizers.Adafactor(1e-3),
-        "sm3": lambda: sm3_tf.SM3(1e-3, momentum=0.9),
-        "sm3_no_momentum": lambda: sm3_tf.SM3(1e-3, momentum=0.0),
-    }[name]()
 
 
 def _model_and_batch(model, batch_size):
@@ -118,21 +102,16 @@ def _model_and_batch(model, batch_size):
                                       training=True))
 
 
-def _vm_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
 def measure_child(model, optimizer_name, batch_size, steps, jit_compile):
     """In a fresh process: train `steps` steps, print the peak RSS in bytes."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
     net, loss_fn = _model_and_batch(model, batch_size)
-    optimizer = _build_optimizer(optimizer_name)
+    # memory_report names Keras's Adafactor as sm3_tf.memory does.
+    optimizer = harness.build_optimizer(
+        {"adafactor_keras": "adafactor"}.get(optimizer_name, optimizer_name),
+        learning_rate=1e-3)
 
     @tf.function(jit_compile=jit_compile)
     def train_step():
@@ -144,18 +123,16 @@ def measure_child(model, optimizer_name, batch_size, steps, jit_compile):
 
     for _ in range(steps):
         train_step().numpy()
-    peak = _vm_kib("VmHWM") * 1024
+    peak = harness.status_kib("VmHWM") * 1024
     # The steady working set: what the process holds once tracing and
     # compiling are over and freed memory is handed back (the first steps'
     # peak also counts the compilers' own memory), then the peak of more
     # steps on top of it.
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
+    harness.reset_peak_rss(release_free_memory=True)
     for _ in range(steps):
         train_step().numpy()
     print(json.dumps({"peak_bytes": peak,
-                      "steady_bytes": _vm_kib("VmHWM") * 1024}))
+                      "steady_bytes": harness.status_kib("VmHWM") * 1024}))
 
 
 def _run_child(model, optimizer, batch_size, steps, jit_compile):

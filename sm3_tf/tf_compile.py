@@ -49,14 +49,27 @@ def dense_update(optimizer, gradient, variable, accumulators, momentum,
         def update(gradient, variable, accumulators, momentum, learning_rate):
             optimizer._dense_update(gradient, variable, accumulators,
                                     momentum, learning_rate)
+            return tf.constant(0)
 
         compiled = tf.function(update, jit_compile=True, autograph=False)
         # Not an attribute Keras should track: a plain object.__setattr__.
         object.__setattr__(optimizer, "_sm3_compiled_dense_update", compiled)
-    compiled(
-        gradient,
-        _local(variable),
-        [_local(a) for a in accumulators],
-        None if momentum is None else _local(momentum),
-        tf.convert_to_tensor(learning_rate),
-    )
+    # TensorFlow runs independent ops concurrently, and each compiled update
+    # holds a variable-sized temporary while it runs: in a traced step, run
+    # the variables' updates one after another so one such buffer is live.
+    graph = tf.compat.v1.get_default_graph()
+    previous = optimizer.__dict__.get("_sm3_previous_update")
+    after = []
+    if (not tf.executing_eagerly() and previous is not None
+            and previous.graph is graph):
+        after = [previous]
+    with tf.control_dependencies(after):
+        done = compiled(
+            gradient,
+            _local(variable),
+            [_local(a) for a in accumulators],
+            None if momentum is None else _local(momentum),
+            tf.convert_to_tensor(learning_rate),
+        )
+    if not tf.executing_eagerly():
+        object.__setattr__(optimizer, "_sm3_previous_update", done)
