@@ -313,3 +313,37 @@ def test_rule_is_traced_into_an_enclosing_xla_program():
     compiled()
     plain()
     assert seen == {"compiled": True, "plain": False}
+
+
+def test_compiled_updates_run_one_after_another_in_a_traced_step():
+    # Concurrent per-variable launches would each hold a variable-sized
+    # temporary at once; each launch waits for the previous one.
+    opt = SM3(learning_rate=LR)
+    variables = [keras.Variable(np.ones((4, 3), np.float32) * i)
+                 for i in range(3)]
+    opt.build(variables)
+
+    @tf.function
+    def step():
+        opt.apply_gradients([(tf.ones((4, 3)), v) for v in variables])
+
+    graph = step.get_concrete_function().graph
+    launches = [op for op in graph.get_operations()
+                if op.type in ("StatefulPartitionedCall", "PartitionedCall")
+                and "update" in op.get_attr("f").name]
+    assert len(launches) == 3
+
+    def ancestors(op):
+        seen, todo = set(), [op]
+        while todo:
+            current = todo.pop()
+            for parent in [t.op for t in current.inputs] + list(
+                    current.control_inputs):
+                if parent not in seen:
+                    seen.add(parent)
+                    todo.append(parent)
+        return seen
+
+    for earlier, later in zip(launches, launches[1:]):
+        assert earlier in ancestors(later)
+    assert launches[1] not in ancestors(launches[0])
