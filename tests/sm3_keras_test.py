@@ -319,13 +319,14 @@ def test_compiled_updates_run_one_after_another_in_a_traced_step():
     # Concurrent per-variable launches would each hold a variable-sized
     # temporary at once; each launch waits for the previous one.
     opt = SM3(learning_rate=LR)
-    variables = [keras.Variable(np.ones((4, 3), np.float32) * i)
+    large = (512, 512)  # 1 MiB: sm3_tf.tf_compile.ORDERED_MIN_SIZE entries
+    variables = [keras.Variable(np.ones(large, np.float32) * i)
                  for i in range(3)]
     opt.build(variables)
 
     @tf.function
     def step():
-        opt.apply_gradients([(tf.ones((4, 3)), v) for v in variables])
+        opt.apply_gradients([(tf.ones(large), v) for v in variables])
 
     graph = step.get_concrete_function().graph
     launches = [op for op in graph.get_operations()
