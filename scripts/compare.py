@@ -66,8 +66,13 @@ def run_trainer(args, optimizer, lr, run_dir):
         cmd.append(f"--dataset={args.dataset}")
     if args.data_dir:
         cmd.append(f"--data_dir={args.data_dir}")
+    return _run(cmd, args)
+
+
+def _run(cmd, args):
+    """Runs one training process; returns None, or what went wrong."""
     if args.batch_size:
-        cmd.append(f"--batch_size={args.batch_size}")
+        cmd = cmd + [f"--batch_size={args.batch_size}"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return f"exit {out.returncode}: {out.stderr.strip().splitlines()[-1:]}"
@@ -131,12 +136,7 @@ def run_mlp(args, optimizer, lr, run_dir):
            "--_child", f"--_optimizer={optimizer}", f"--_lr={lr}",
            f"--_run_dir={run_dir}", f"--train_steps={args.train_steps}",
            f"--log_every={args.log_every}", f"--seed={args.seed}"]
-    if args.batch_size:
-        cmd.append(f"--batch_size={args.batch_size}")
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        return f"exit {out.returncode}: {out.stderr.strip().splitlines()[-1:]}"
-    return None
+    return _run(cmd, args)
 
 
 def read_run(run_dir):
