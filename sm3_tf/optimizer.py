@@ -200,6 +200,7 @@ class SM3(keras.optimizers.Optimizer):
         momentum = self._momentums[index]
         if _is_tensorflow():
             from sm3_tf import sparse
+            from sm3_tf import tf_compile
 
             if sparse.is_sparse(gradient):
                 if self.beta2 < 1.0 or len(variable.shape) == 0:
@@ -212,9 +213,6 @@ class SM3(keras.optimizers.Optimizer):
                         learning_rate,
                     )
                     return
-        if _is_tensorflow():
-            from sm3_tf import tf_compile
-
             tf_compile.dense_update(
                 self, gradient, variable, accumulators, momentum,
                 learning_rate,
