@@ -49,13 +49,8 @@ def optimizer_state_bytes(optimizer):
     )
 
 
-def variable_kind(variable_or_name, shape=None):
+def variable_kind(name, shape):
     """`embedding`, `conv_kernel`, `dense_kernel`, `vector` or `scalar`."""
-    if shape is None:
-        shape = tuple(variable_or_name.shape)
-        name = getattr(variable_or_name, "path", None) or variable_or_name.name
-    else:
-        name = variable_or_name
     name = name.lower()
     if len(shape) == 0:
         return "scalar"
@@ -129,11 +124,14 @@ def state_bytes_for(shape, dtype, optimizer):
 
 
 def _describe(variable):
-    if isinstance(variable, tuple):  # (name, shape, dtype)
+    """`(name, shape, dtype, kind)` of a variable or a `(name, shape, dtype)`."""
+    if isinstance(variable, tuple):
         name, shape, dtype = variable
-        return name, tuple(shape), dtype
-    name = getattr(variable, "path", None) or variable.name
-    return name, tuple(variable.shape), variable.dtype
+    else:
+        name = getattr(variable, "path", None) or variable.name
+        shape, dtype = variable.shape, variable.dtype
+    shape = tuple(int(d) for d in shape)
+    return name, shape, dtype, variable_kind(name, shape)
 
 
 def state_report(variables, optimizers=tuple(STATE_RULES)):
@@ -150,14 +148,13 @@ def state_report(variables, optimizers=tuple(STATE_RULES)):
     """
     described = [_describe(v) for v in variables]
     param_by_kind = collections.Counter()
-    for name, shape, dtype in described:
-        param_by_kind[variable_kind(name, shape)] += (
-            _numel(shape) * _itemsize(dtype))
+    for _, shape, dtype, kind in described:
+        param_by_kind[kind] += _numel(shape) * _itemsize(dtype)
     total_params = sum(param_by_kind.values())
     report = {
         "parameters": {
             "bytes": total_params,
-            "count": sum(_numel(s) for _, s, _ in described),
+            "count": sum(_numel(shape) for _, shape, _, _ in described),
             "by_kind": dict(param_by_kind),
         },
         "optimizers": {},
@@ -165,8 +162,7 @@ def state_report(variables, optimizers=tuple(STATE_RULES)):
     for opt in optimizers:
         per_variable = []
         by_kind = collections.Counter()
-        for name, shape, dtype in described:
-            kind = variable_kind(name, shape)
+        for name, shape, dtype, kind in described:
             state = state_bytes_for(shape, dtype, opt)
             by_kind[kind] += state
             per_variable.append({"name": name, "shape": list(shape),
@@ -181,7 +177,3 @@ def state_report(variables, optimizers=tuple(STATE_RULES)):
         }
     return report
 
-
-def bytes_by_kind(variables):
-    """`{kind: parameter bytes}` over `variables`."""
-    return state_report(variables, optimizers=())["parameters"]["by_kind"]

@@ -18,6 +18,8 @@ that a nested function cannot take as arguments, so there the rule runs as
 plain TensorFlow ops (still exact; only slower without XLA).
 """
 
+import math
+
 import keras
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
@@ -30,13 +32,6 @@ def _local(variable):
 # Variables with at least this many entries (1 MiB in float32) have their
 # compiled updates ordered one after another.
 ORDERED_MIN_SIZE = 1 << 18
-
-
-def _size(variable):
-    size = 1
-    for dim in variable.shape:
-        size *= int(dim)
-    return size
 
 
 def _single_replica():
@@ -72,7 +67,7 @@ def dense_update(optimizer, gradient, variable, accumulators, momentum,
     # buffer is live at a time. Small ones stay concurrent (ordering all of
     # ResNet-50's 214 updates cost a third of the step's time).
     graph = tf.compat.v1.get_default_graph()
-    large = _size(variable) >= ORDERED_MIN_SIZE
+    large = math.prod(variable.shape) >= ORDERED_MIN_SIZE
     previous = optimizer.__dict__.get("_sm3_previous_update")
     after = []
     if (large and not tf.executing_eagerly() and previous is not None
