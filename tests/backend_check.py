@@ -1,7 +1,9 @@
 """Run as a script under KERAS_BACKEND=<name>: SM3's dense rule on that backend.
 
 Prints one JSON line: the largest difference from the NumPy reference after
-three steps (a rank-3 variable and a scalar), and `fit`'s first and last loss.
+three steps (a rank-3 variable, a scalar, and a matrix large enough for the
+folded reductions), how many blocks the reductions use on this backend, and
+`fit`'s first and last loss.
 """
 
 import json
@@ -16,6 +18,7 @@ import keras  # noqa: E402
 
 from numpy_reference import SM3Reference  # noqa: E402
 from sm3_tf import SM3  # noqa: E402
+from sm3_tf import optimizer as sm3_optimizer  # noqa: E402
 
 
 def main():
@@ -26,17 +29,24 @@ def main():
     scalar = keras.Variable(np.float32(0.5))
     ref = SM3Reference(init, 0.25, 0.9, 1.0, 0.0)
     ref_scalar = SM3Reference(np.float32(0.5), 0.25, 0.9, 1.0, 0.0)
+    big_init = rng.normal(size=(300, 250)).astype("float32")  # folded
+    big = keras.Variable(big_init)
+    ref_big = SM3Reference(big_init, 0.25, 0.9, 1.0, 0.0)
     for _ in range(3):
         g = rng.normal(size=(3, 4, 2)).astype("float32")
+        g_big = rng.normal(size=(300, 250)).astype("float32")
         opt.apply_gradients([
             (keras.ops.convert_to_tensor(g), var),
             (keras.ops.convert_to_tensor(np.float32(0.1)), scalar),
+            (keras.ops.convert_to_tensor(g_big), big),
         ])
         ref.step(g)
         ref_scalar.step(np.float32(0.1))
+        ref_big.step(g_big)
     diff = max(
         float(np.abs(keras.ops.convert_to_numpy(var) - ref.var).max()),
         float(np.abs(keras.ops.convert_to_numpy(scalar) - ref_scalar.var)),
+        float(np.abs(keras.ops.convert_to_numpy(big) - ref_big.var).max()),
     )
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)),
@@ -46,6 +56,7 @@ def main():
     x = rng.normal(size=(64, 4)).astype("float32")
     history = model.fit(x, x.sum(1, keepdims=True), epochs=5, verbose=0)
     print(json.dumps({"backend": keras.backend.backend(), "max_diff": diff,
+                      "blocks": sm3_optimizer._reduction_blocks(big),
                       "losses": history.history["loss"]}))
 
 

@@ -348,3 +348,20 @@ def test_compiled_updates_run_one_after_another_in_a_traced_step():
     for earlier, later in zip(launches, launches[1:]):
         assert earlier in ancestors(later)
     assert launches[1] not in ancestors(launches[0])
+
+
+def test_reductions_fold_on_cpu_and_not_on_accelerators():
+    from sm3_tf import optimizer as sm3_optimizer
+
+    on_cpu = keras.Variable(np.ones((4, 4), np.float32))
+    assert (sm3_optimizer._reduction_blocks(on_cpu)
+            == sm3_optimizer.CPU_REDUCTION_BLOCKS > 1)
+
+    class Placed:
+        def __init__(self, device):
+            self.device = device
+
+    assert sm3_optimizer._reduction_blocks(
+        Placed("/job:localhost/replica:0/task:0/device:GPU:0")) == 1
+    assert sm3_optimizer._reduction_blocks(
+        Placed("/job:worker/replica:0/task:0/device:TPU:3")) == 1

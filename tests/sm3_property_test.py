@@ -94,3 +94,93 @@ def test_accumulators_never_decrease_with_running_sum(p):
             for a, b in zip(now, before):
                 assert np.all(a >= b)
         before = now
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=2, max_size=4).map(tuple),
+       st.integers(2, 9), st.integers(0, 2**31 - 1))
+def test_folded_reduction_equals_direct_reduction_bit_for_bit(
+        shape, blocks, seed):
+    # Sizes that are not multiples of `blocks` make the last slice overlap.
+    x = np.abs(np.random.default_rng(seed).normal(size=shape)).astype(np.float32)
+    with _fold_every_size():
+        got = rule.max_over_all_axes_but_each(tf.constant(x), blocks)
+    axes = range(len(shape))
+    assert len(got) == len(shape)
+    for i, g in zip(axes, got):
+        want = x.max(axis=tuple(a for a in axes if a != i))
+        np.testing.assert_array_equal(np.asarray(g), want)
+
+
+def test_fold_max_covers_the_axis_with_overlapping_slices():
+    x = np.arange(17 * 3, dtype=np.float32).reshape(17, 3)
+    folded = np.asarray(rule.fold_max(tf.constant(x), 0, 8))
+    # ceil(17 / 8) = 3 rows per slice; starts 0, 3, ..., 12, then 14.
+    assert folded.shape == (3, 3)
+    np.testing.assert_array_equal(folded.max(axis=0), x.max(axis=0))
+    np.testing.assert_array_equal(folded[-1], x[-1])  # last slice ends at 17
+    short = np.ones((5, 3), np.float32)
+    assert np.asarray(rule.fold_max(tf.constant(short), 0, 8)).shape == (5, 3)
+
+
+class _fold_every_size:
+    """Lowers `rule.FOLD_MIN_SIZE` so that small tensors take the fold path."""
+
+    def __enter__(self):
+        self.saved = rule.FOLD_MIN_SIZE
+        rule.FOLD_MIN_SIZE = 1
+
+    def __exit__(self, *exc):
+        rule.FOLD_MIN_SIZE = self.saved
+
+
+@st.composite
+def foldable_problems(draw):
+    rank = draw(st.integers(2, 4))
+    high = {2: 60, 3: 30, 4: 18}[rank]
+    shape = tuple(draw(st.lists(st.integers(1, high), min_size=rank,
+                                max_size=rank)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    grads = [rng.normal(size=shape).astype(np.float32)
+             for _ in range(draw(st.integers(1, 3)))]
+    return dict(shape=shape, var=rng.normal(size=shape).astype(np.float32),
+                grads=grads, momentum=draw(st.sampled_from([0.0, 0.9])))
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(foldable_problems())
+def test_optimizer_with_folded_reductions_matches_numpy_reference(p):
+    # On CPU the TensorFlow path folds large tensors (sm3_tf.optimizer.
+    # CPU_REDUCTION_BLOCKS); here every tensor does, compiled by XLA as in
+    # a real step, and must still follow the reference.
+    lr = 0.25
+    with _fold_every_size():
+        opt = SM3(learning_rate=lr, momentum=p["momentum"])
+        var = keras.Variable(p["var"])
+        ref = SM3Reference(p["var"], lr, p["momentum"], 1.0, 1e-30)
+        for g in p["grads"]:
+            opt.apply_gradients([(tf.constant(g), var)])
+            ref.step(g)
+            np.testing.assert_allclose(var.numpy(), ref.var,
+                                       **TOLERANCE["float32"])
+            for a, b in zip(opt.accumulators_for(var), ref.acc):
+                np.testing.assert_allclose(a.numpy(), b,
+                                           **TOLERANCE["float32"])
+
+
+def test_a_variable_above_the_fold_threshold_matches_numpy_reference():
+    shape = (300, 250)  # 75,000 entries >= rule.FOLD_MIN_SIZE
+    assert np.prod(shape) >= rule.FOLD_MIN_SIZE
+    rng = np.random.default_rng(7)
+    init = rng.normal(size=shape).astype(np.float32)
+    opt = SM3(learning_rate=0.25)
+    var = keras.Variable(init)
+    ref = SM3Reference(init, 0.25, 0.9, 1.0, 1e-30)
+    for _ in range(3):
+        g = rng.normal(size=shape).astype(np.float32)
+        opt.apply_gradients([(tf.constant(g), var)])
+        ref.step(g)
+    np.testing.assert_allclose(var.numpy(), ref.var, **TOLERANCE["float32"])
+    for a, b in zip(opt.accumulators_for(var), ref.acc):
+        np.testing.assert_array_equal(a.numpy(), b)
