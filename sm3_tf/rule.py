@@ -74,22 +74,40 @@ def max_over_all_axes_but_each(x, blocks=1):
     rank = len(shape)
     if rank == 1:
         return [x]
-    split = min(
-        range(1, rank),
+    split = split_axes(shape)
+    if None not in shape:
+        matrix = ops.reshape(x, (_size(shape[:split]), _size(shape[split:])))
+        return _maxima_of_matrix(matrix, shape, split, blocks)
+    # The sparse path's touched rows, when their number is not static.
+    leading = _max(x, axis=tuple(range(split, rank)))
+    trailing = _max(x, axis=tuple(range(split)))
+    return _max_over_each_axis(leading) + _max_over_each_axis(trailing)
+
+
+def split_axes(shape):
+    """Where to cut `shape` into leading | trailing axes for the two passes.
+
+    The cut that leaves the two reduced tensors smallest: a (3, 3, 512, 256)
+    kernel is seen as a (4608, 256) matrix, a (1, 1, 1024, 2048) one as
+    (1024, 2048), never as (1, 2097152).
+    """
+    return min(
+        range(1, len(shape)),
         key=lambda k: _size(shape[:k]) + _size(shape[k:]),
     )
-    if blocks > 1 and None not in shape and _size(shape) >= FOLD_MIN_SIZE:
-        matrix = ops.reshape(x, (_size(shape[:split]), _size(shape[split:])))
-        leading = ops.reshape(
-            _max(fold_max(matrix, 1, blocks), axis=(1,)), shape[:split]
-        )
-        trailing = ops.reshape(
-            _max(fold_max(matrix, 0, blocks), axis=(0,)), shape[split:]
-        )
+
+
+def _maxima_of_matrix(matrix, shape, split, blocks):
+    """Per-axis maxima of a tensor of `shape`, given as its (rows, cols) view."""
+    if blocks > 1 and _size(shape) >= FOLD_MIN_SIZE:
+        row_max = _max(fold_max(matrix, 1, blocks), axis=(1,))
+        col_max = _max(fold_max(matrix, 0, blocks), axis=(0,))
     else:
-        leading = _max(x, axis=tuple(range(split, rank)))
-        trailing = _max(x, axis=tuple(range(split)))
-    return _max_over_each_axis(leading) + _max_over_each_axis(trailing)
+        row_max = _max(matrix, axis=(1,))
+        col_max = _max(matrix, axis=(0,))
+    return _max_over_each_axis(
+        ops.reshape(row_max, shape[:split])
+    ) + _max_over_each_axis(ops.reshape(col_max, shape[split:]))
 
 
 # Tensors smaller than this are reduced directly: folding them saves less
@@ -177,29 +195,27 @@ def dense_step(grad, accumulators, beta2, epsilon, blocks=1):
     if len(grad.shape) <= 1:
         nu = second_moment(accumulators[0], grad, beta2)
         return preconditioned(grad, nu, epsilon), [nu]
-    prev = min_of_accumulators(accumulators)
-    nu = second_moment(prev, grad, beta2)
-    return (
-        preconditioned(grad, nu, epsilon),
-        max_over_all_axes_but_each(
-            _nu_for_reductions(accumulators, grad, beta2), blocks
-        ),
+    # The rule is elementwise but for the broadcasts: it is computed on the
+    # (rows, cols) view of `grad` that the reductions use, with `prev` split
+    # as min(row_prev, col_prev). min is associative, so this is the same
+    # number, and compiled loops over a matrix need no index arithmetic to
+    # lay each of 3 or 4 accumulators along its axis.
+    shape = tuple(grad.shape)
+    split = split_axes(shape)
+    rows, cols = _size(shape[:split]), _size(shape[split:])
+    g = ops.reshape(grad, (rows, cols))
+    row_prev = ops.reshape(min_of_accumulators(accumulators[:split]), (rows, 1))
+    col_prev = ops.reshape(min_of_accumulators(accumulators[split:]), (1, cols))
+    nu = second_moment(ops.minimum(row_prev, col_prev), g, beta2)
+    # `nu` again for the reductions, written so that it is not shared: XLA
+    # on CPU writes a reduction's input to memory, and if the update shared
+    # that expression it would read it back, where recomputing it from the
+    # gradient costs one pass less. Rounding is monotone, so
+    # min(fl(a + c), fl(b + c)) == fl(min(a, b) + c): bit-identical.
+    nu_for_maxima = ops.minimum(
+        second_moment(row_prev, g, beta2), second_moment(col_prev, g, beta2)
     )
-
-
-def _nu_for_reductions(accumulators, grad, beta2):
-    """`nu` again, as `min_i(second_moment(acc_i, g))`, for the reductions.
-
-    Rounding is monotone, so `min_i fl(a_i + c) == fl(min_i a_i + c)`: this is
-    bit-identical to `nu`. It is written differently on purpose: XLA on CPU
-    cannot fuse a reduction with its producer, so the reductions need `nu` in
-    memory; if the update shared that expression it would read it back too,
-    where recomputing it from the gradient costs one pass less.
-    """
-    rank = len(grad.shape)
-    nu = None
-    for axis, acc in enumerate(accumulators):
-        laid = ops.reshape(acc, broadcast_shape(rank, axis, acc.shape[0]))
-        term = second_moment(laid, grad, beta2)
-        nu = term if nu is None else ops.minimum(nu, term)
-    return nu
+    return (
+        ops.reshape(preconditioned(g, nu, epsilon), shape),
+        _maxima_of_matrix(nu_for_maxima, shape, split, blocks),
+    )
