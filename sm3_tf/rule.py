@@ -207,15 +207,7 @@ def dense_step(grad, accumulators, beta2, epsilon, blocks=1):
     row_prev = ops.reshape(min_of_accumulators(accumulators[:split]), (rows, 1))
     col_prev = ops.reshape(min_of_accumulators(accumulators[split:]), (1, cols))
     nu = second_moment(ops.minimum(row_prev, col_prev), g, beta2)
-    # `nu` again for the reductions, written so that it is not shared: XLA
-    # on CPU writes a reduction's input to memory, and if the update shared
-    # that expression it would read it back, where recomputing it from the
-    # gradient costs one pass less. Rounding is monotone, so
-    # min(fl(a + c), fl(b + c)) == fl(min(a, b) + c): bit-identical.
-    nu_for_maxima = ops.minimum(
-        second_moment(row_prev, g, beta2), second_moment(col_prev, g, beta2)
-    )
     return (
         ops.reshape(preconditioned(g, nu, epsilon), shape),
-        _maxima_of_matrix(nu_for_maxima, shape, split, blocks),
+        _maxima_of_matrix(nu, shape, split, blocks),
     )
