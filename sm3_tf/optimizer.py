@@ -274,9 +274,9 @@ CPU_REDUCTION_BLOCKS = 8
 def _reduction_blocks(variable):
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        device = getattr(getattr(variable, "value", variable), "device", "")
-        device = device or ""
-        on_cpu = "GPU" not in device.upper() and "TPU" not in device.upper()
+        placed = getattr(variable, "value", variable)  # the tf.Variable
+        device = (getattr(placed, "device", "") or "").upper()
+        on_cpu = "GPU" not in device and "TPU" not in device
     elif backend == "jax":
         import jax
 
