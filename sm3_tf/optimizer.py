@@ -262,11 +262,11 @@ class SM3(keras.optimizers.Optimizer):
         return config
 
 
-# How many slices `rule.max_over_all_axes_but_each` folds a large tensor into
-# before reducing it. On XLA:CPU, reductions write their input to memory
-# first, while elementwise maxima of slices fuse with the gradient's
-# expression into one vectorized loop: folding measured about twice as fast
-# there (docs/performance.md). GPU and TPU compilers fuse reductions with
+# How many slices `rule.fold_max` folds a large tensor into before reducing
+# it. On XLA:CPU, reductions write their input to memory first, while
+# elementwise maxima of slices fuse with the gradient's expression into one
+# vectorized loop: folding measured about twice as fast there
+# (docs/performance.md). GPU and TPU compilers fuse reductions with
 # their producers, and eager PyTorch would copy every slice: 1 there.
 CPU_REDUCTION_BLOCKS = 8
 

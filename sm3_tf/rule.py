@@ -186,8 +186,9 @@ def dense_step(grad, accumulators, beta2, epsilon, blocks=1):
             for rank >= 2 one vector per axis. Values, not variables.
         beta2: 1.0 for the running sum, < 1 for an exponential moving average.
         epsilon: added to `nu` inside the square root.
-        blocks: how `max_over_all_axes_but_each` writes its passes (exact
-            either way; a speed choice per backend and device).
+        blocks: how many slices the two reduction passes fold a large
+            tensor into first (`fold_max`; exact either way, a speed choice
+            per backend and device).
 
     Returns:
         `(update, new_accumulators)` with `update` shaped like `grad`.

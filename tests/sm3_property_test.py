@@ -1,6 +1,7 @@
 """Property tests: the optimizer against the NumPy reference of the spec."""
 
 import os
+from unittest import mock
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -123,15 +124,9 @@ def test_fold_max_covers_the_axis_with_overlapping_slices():
     assert np.asarray(rule.fold_max(tf.constant(short), 0, 8)).shape == (5, 3)
 
 
-class _fold_every_size:
+def _fold_every_size():
     """Lowers `rule.FOLD_MIN_SIZE` so that small tensors take the fold path."""
-
-    def __enter__(self):
-        self.saved = rule.FOLD_MIN_SIZE
-        rule.FOLD_MIN_SIZE = 1
-
-    def __exit__(self, *exc):
-        rule.FOLD_MIN_SIZE = self.saved
+    return mock.patch.object(rule, "FOLD_MIN_SIZE", 1)
 
 
 @st.composite
