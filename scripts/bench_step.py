@@ -16,6 +16,11 @@ same gradient.
 `--fit`: `model.fit` steps per second of a small Transformer (d 256, 2+2
 layers, vocab 8000), SM3 against Adam, epochs interleaved.
 
+`--breakdown`: where SM3's step goes. SM3 is timed whole and doing one part
+only: the update (read the accumulators, write the variable and momentum)
+or the statistics (the accumulators' new values: reading the gradient for
+the row and the column maxima), beside SGD and SGD+momentum.
+
 `--peak_memory`: for each optimizer, in fresh processes, how far five steps
 raise the peak resident memory (Linux's VmHWM, reset through
 /proc/self/clear_refs once the variable, gradient and optimizer state exist),
@@ -24,6 +29,7 @@ allocates beyond SGD's, compared with the variable's own size.
 """
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -135,6 +141,57 @@ def bench_dense(models, xla_modes, rounds, optimizers):
             report_ratios(label, med, jit)
             results[label] = med
             del steps
+            gc.collect()  # free these optimizers' state before the next set
+    return results
+
+
+class SM3Part(sm3_tf.SM3):
+    """SM3 doing one part of its dense step only (`--breakdown`).
+
+    `part="update"` leaves the accumulators as they are (the update still
+    computes `nu` from them); `part="statistics"` writes the accumulators and
+    leaves the variable and momentum alone.
+    """
+
+    def __init__(self, part, **kwargs):
+        super().__init__(**kwargs)
+        self.part = part
+
+    def assign(self, variable, value):
+        if self.part == "update" and any(
+                variable is a for accs in self._accumulators if accs
+                for a in accs):
+            return
+        super().assign(variable, value)
+
+    def _apply_update(self, variable, momentum, update, learning_rate):
+        if self.part == "update":
+            super()._apply_update(variable, momentum, update, learning_rate)
+
+
+def bench_breakdown(models, xla_modes, rounds):
+    results = {}
+    for model in models:
+        variables, grads = make_problem(VARIABLE_SETS[model]())
+        for jit in xla_modes:
+            steps = {name: step_function(OPTIMIZERS[name](), variables,
+                                         grads, jit)
+                     for name in ("sgd", "sgd_momentum", "sm3_no_momentum",
+                                  "sm3")}
+            for momentum in (0.0, 0.9):
+                suffix = "" if momentum else "_no_momentum"
+                for part in ("update", "statistics"):
+                    steps[f"sm3{suffix} {part} only"] = step_function(
+                        SM3Part(part, learning_rate=1e-4, momentum=momentum),
+                        variables, grads, jit)
+            med = time_interleaved(steps, rounds)
+            label = f"{model}, {'XLA' if jit else 'no XLA'}"
+            print(f"\n{label}: where SM3's step goes, median ms")
+            for name, t in med.items():
+                print(f"  {name:34s} {1000 * t:8.1f}")
+            results[label] = med
+            del steps
+            gc.collect()  # free these optimizers' state before the next set
     return results
 
 
@@ -293,6 +350,8 @@ def main():
     parser.add_argument("--peak_memory", action="store_true")
     parser.add_argument("--fit", action="store_true",
                         help="model.fit steps/s on a small Transformer")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time SM3's update and statistics apart")
     parser.add_argument("--no_dense", action="store_true",
                         help="skip the dense step-time tables")
     parser.add_argument("--json", help="write all medians to this file")
@@ -318,6 +377,8 @@ def main():
     if not args.no_dense:
         results["dense"] = bench_dense(models, xla_modes, args.rounds,
                                        optimizers)
+    if args.breakdown:
+        results["breakdown"] = bench_breakdown(models, xla_modes, args.rounds)
     if args.sparse:
         results["sparse"] = bench_sparse(args.rounds)
     if args.fit:
