@@ -156,11 +156,19 @@ class SM3Part(sm3_tf.SM3):
     def __init__(self, part, **kwargs):
         super().__init__(**kwargs)
         self.part = part
+        self._unwritten = ()
+
+    def _dense_update(self, gradient, variable, accumulators, momentum,
+                      learning_rate):
+        # The accumulators as this call sees them (inside the per-variable
+        # compiled update they are not the objects `build` made).
+        self._unwritten = accumulators if self.part == "update" else ()
+        super()._dense_update(gradient, variable, accumulators, momentum,
+                              learning_rate)
+        self._unwritten = ()
 
     def assign(self, variable, value):
-        if self.part == "update" and any(
-                variable is a for accs in self._accumulators if accs
-                for a in accs):
+        if any(variable is a for a in self._unwritten):
             return
         super().assign(variable, value)
 
