@@ -1,7 +1,8 @@
 """Times one optimizer step (`apply_gradients`) for SM3 and Keras's optimizers.
 
     python scripts/bench_step.py [--models resnet50,transformer_big]
-        [--xla both|on|off] [--rounds 7] [--sparse] [--peak_memory]
+        [--xla both|on|off] [--rounds 7] [--sparse] [--peak_memory] [--fit]
+    python scripts/bench_step.py --breakdown --no_dense [--models ...]
 
 For each variable set (ResNet-50's, Transformer-Big's) and each optimizer,
 one `apply_gradients` inside a `tf.function` (with and without XLA) is timed.
@@ -16,10 +17,10 @@ same gradient.
 `--fit`: `model.fit` steps per second of a small Transformer (d 256, 2+2
 layers, vocab 8000), SM3 against Adam, epochs interleaved.
 
-`--breakdown --no_dense`: where SM3's step goes. SM3 is timed whole and doing one part
-only: the update (read the accumulators, write the variable and momentum)
-or the statistics (the accumulators' new values: reading the gradient for
-the row and the column maxima), beside SGD and SGD+momentum.
+`--breakdown --no_dense`: where SM3's step goes. SM3 is timed whole and
+doing one part only: the update (read the accumulators, write the variable
+and momentum) or the statistics (the accumulators' new values: reading the
+gradient for the row and the column maxima), beside SGD and SGD+momentum.
 
 `--peak_memory`: for each optimizer, in fresh processes, how far five steps
 raise the peak resident memory (Linux's VmHWM, reset through
@@ -107,10 +108,15 @@ TARGETS = {
 }
 
 
-def report_ratios(label, med, jit):
-    print(f"\n{label}: median step time (ms)")
+def print_medians(heading, med):
+    print(f"\n{heading}")
+    width = max(len(name) for name in med) + 2
     for name, t in med.items():
-        print(f"  {name:16s} {1000 * t:9.1f}")
+        print(f"  {name:{width}s} {1000 * t:8.1f}")
+
+
+def report_ratios(label, med, jit):
+    print_medians(f"{label}: median step time (ms)", med)
     for a, b, bound in TARGETS[jit]:
         if a in med and b in med:
             ratio = med[a] / med[b]
@@ -192,9 +198,7 @@ def bench_breakdown(models, xla_modes, rounds):
                         variables, grads, jit)
             med = time_interleaved(steps, rounds)
             label = f"{model}, {'XLA' if jit else 'no XLA'}"
-            print(f"\n{label}: where SM3's step goes, median ms")
-            for name, t in med.items():
-                print(f"  {name:34s} {1000 * t:8.1f}")
+            print_medians(f"{label}: where SM3's step goes, median ms", med)
             results[label] = med
             del steps
     return results
