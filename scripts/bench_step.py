@@ -78,6 +78,11 @@ def make_problem(shapes, seed=0):
     return variables, grads
 
 
+def _wait(result):
+    """Blocks until a step's result (its iteration counter) is computed."""
+    result.numpy()
+
+
 def step_function(optimizer, variables, grads, jit_compile):
     optimizer.build(variables)
 
@@ -89,54 +94,12 @@ def step_function(optimizer, variables, grads, jit_compile):
     return step
 
 
-def time_interleaved(steps, rounds, warmup=2):
-    """`{name: median seconds}`, rounds interleaved in rotating order."""
-    names = list(steps)
-    for name in names:
-        for _ in range(warmup):
-            steps[name]().numpy()
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            steps[name]().numpy()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-# The issue's targets: under a whole-step XLA program, and without XLA.
-TARGETS = {
-    True: [("sm3", "sgd_momentum", 1.25), ("sm3", "adam", 0.85),
-           ("sm3_no_momentum", "sgd", 1.5), ("sm3", "adafactor", None)],
-    False: [("sm3", "sgd_momentum", 1.5), ("sm3", "adam", 0.85),
-            ("sm3_no_momentum", "sgd", None), ("sm3", "adafactor", None)],
-}
-
-
-def print_medians(heading, med):
-    print(f"\n{heading}")
-    width = max(len(name) for name in med) + 2
-    for name, t in med.items():
-        print(f"  {name:{width}s} {1000 * t:8.1f}")
-
-
-def report_ratios(label, med, jit, targets=True):
-    print_medians(f"{label}: median step time (ms)", med)
-    for a, b, bound in TARGETS[jit]:
-        if a in med and b in med:
-            ratio = med[a] / med[b]
-            # The issue's targets are for the full-size variable sets.
-            target = f"  (target <= {bound})" if bound and targets else ""
-            print(f"  {a} / {b}: {ratio:.2f}x{target}")
-
-
 def bench_dense(models, xla_modes, rounds, optimizers, cap_dims=None):
     results = {}
     for model in models:
         shapes = VARIABLE_SETS[model]()
         if cap_dims:
-            shapes = [tuple(min(d, cap_dims) for d in s) for s in shapes]
+            shapes = harness.cap_shapes(shapes, cap_dims)
             model = f"{model} (every axis cut to <= {cap_dims})"
         params = sum(int(np.prod(s)) for s in shapes)
         print(f"\n== {model}: {len(shapes)} variables, {params / 1e6:.4g} M "
@@ -152,8 +115,8 @@ def bench_dense(models, xla_modes, rounds, optimizers, cap_dims=None):
                 steps[name]().numpy()  # trace and compile
                 print(f"  compiled {name} in "
                       f"{time.perf_counter() - start:.1f} s", flush=True)
-            med = time_interleaved(steps, rounds)
-            report_ratios(label, med, jit, targets=not cap_dims)
+            med = harness.time_interleaved(steps, rounds, _wait)
+            harness.report_ratios(label, med, jit, targets=not cap_dims)
             results[label] = med
             del steps
     return results
@@ -206,9 +169,10 @@ def bench_breakdown(models, xla_modes, rounds):
                     steps[f"sm3{suffix} {part} only"] = step_function(
                         SM3Part(part, learning_rate=1e-4, momentum=momentum),
                         variables, grads, jit)
-            med = time_interleaved(steps, rounds)
+            med = harness.time_interleaved(steps, rounds, _wait)
             label = f"{model}, {'XLA' if jit else 'no XLA'}"
-            print_medians(f"{label}: where SM3's step goes, median ms", med)
+            harness.print_medians(
+                f"{label}: where SM3's step goes, median ms", med)
             results[label] = med
             del steps
     return results
@@ -242,7 +206,7 @@ def bench_sparse(rounds, rows=1_000_000, dim=64, touched=4096):
 
             steps[kind] = tf.function(_apply_fn(opt, var, grad),
                                       jit_compile=jit)
-        med = time_interleaved(steps, rounds)
+        med = harness.time_interleaved(steps, rounds, _wait)
         label = f"sparse, {'XLA' if jit else 'no XLA'}"
         print(f"{label}: sparse {1000 * med['sparse']:.2f} ms, dense "
               f"{1000 * med['dense']:.2f} ms, ratio "

@@ -1,7 +1,13 @@
-"""What the benchmark and memory scripts share: the optimizers, by name, and
-Linux's memory counters."""
+"""What the benchmark and memory scripts share: the optimizers by name,
+interleaved timing and the targets' report, and Linux's memory counters.
+
+Nothing here imports a framework at module level: `bench_step.py` runs it on
+TensorFlow, `bench_step_jax.py` on Keras's JAX backend.
+"""
 
 import ctypes
+import statistics
+import time
 
 
 def build_optimizer(name, learning_rate=1e-4):
@@ -28,6 +34,59 @@ def build_optimizer(name, learning_rate=1e-4):
 
 OPTIMIZER_NAMES = ("sgd", "sgd_momentum", "adagrad", "adam", "adafactor",
                    "sm3", "sm3_no_momentum")
+
+
+def time_interleaved(steps, rounds, wait, warmup=2):
+    """`{name: median seconds}` of `steps[name]()`, rounds interleaved.
+
+    Each round runs every step once, in a rotating order, so that machine
+    noise hits all alike. `wait(result)` blocks until a step's result is
+    computed (TensorFlow: `.numpy()`; JAX: `jax.block_until_ready`).
+    """
+    names = list(steps)
+    for name in names:
+        for _ in range(warmup):
+            wait(steps[name]())
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            wait(steps[name]())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+# The issue's targets: under a whole-step XLA program, and without XLA.
+TARGETS = {
+    True: [("sm3", "sgd_momentum", 1.25), ("sm3", "adam", 0.85),
+           ("sm3_no_momentum", "sgd", 1.5), ("sm3", "adafactor", None)],
+    False: [("sm3", "sgd_momentum", 1.5), ("sm3", "adam", 0.85),
+            ("sm3_no_momentum", "sgd", None), ("sm3", "adafactor", None)],
+}
+
+
+def print_medians(heading, med):
+    print(f"\n{heading}")
+    width = max(len(name) for name in med) + 2
+    for name, t in med.items():
+        print(f"  {name:{width}s} {1000 * t:8.1f}")
+
+
+def report_ratios(label, med, jit, targets=True):
+    """The medians, then SM3's ratios (with the targets when `targets`)."""
+    print_medians(f"{label}: median step time (ms)", med)
+    for a, b, bound in TARGETS[jit]:
+        if a in med and b in med:
+            ratio = med[a] / med[b]
+            # The issue's targets are for the full-size variable sets.
+            target = f"  (target <= {bound})" if bound and targets else ""
+            print(f"  {a} / {b}: {ratio:.2f}x{target}")
+
+
+def cap_shapes(shapes, cap_dims):
+    """`shapes` with every axis cut to at most `cap_dims` entries (`--cap_dims`)."""
+    return [tuple(min(d, cap_dims) for d in shape) for shape in shapes]
 
 
 def status_kib(field):

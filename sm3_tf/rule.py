@@ -45,7 +45,7 @@ def min_of_accumulators(accumulators, leading=None):
     return prev
 
 
-def max_over_all_axes_but_each(x, blocks=1):
+def max_over_all_axes_but_each(x, blocks=1, reverse_folds=False):
     """`[max of x over every axis but i for i in range(rank)]`, for `x >= 0`.
 
     Reducing each axis separately reads the whole tensor once per axis.
@@ -67,6 +67,9 @@ def max_over_all_axes_but_each(x, blocks=1):
             the slices with the expression that produces `x` into one
             vectorized loop, where it writes a reduction's input to memory
             first (docs/performance.md).
+        reverse_folds: with `blocks > 1`, reverse each folded tensor along
+            the axis its reduction removes (`fold_max`'s note says why; the
+            maxima are the same).
 
     An empty `x` (a sparse step that touches no row) reduces to 0.
     """
@@ -77,7 +80,7 @@ def max_over_all_axes_but_each(x, blocks=1):
     split = split_axes(shape)
     if None not in shape:
         matrix = ops.reshape(x, matrix_shape(shape, split))
-        return _maxima_of_matrix(matrix, shape, split, blocks)
+        return _maxima_of_matrix(matrix, shape, split, blocks, reverse_folds)
     # The sparse path's touched rows, when their number is not static.
     leading = _max(x, axis=tuple(range(split, rank)))
     trailing = _max(x, axis=tuple(range(split)))
@@ -102,11 +105,16 @@ def matrix_shape(shape, split):
     return _size(shape[:split]), _size(shape[split:])
 
 
-def _maxima_of_matrix(matrix, shape, split, blocks):
+def _maxima_of_matrix(matrix, shape, split, blocks, reverse_folds=False):
     """Per-axis maxima of a tensor of `shape`, given as its (rows, cols) view."""
     if blocks > 1 and _size(shape) >= FOLD_MIN_SIZE:
-        row_max = _max(fold_max(matrix, 1, blocks), axis=(1,))
-        col_max = _max(fold_max(matrix, 0, blocks), axis=(0,))
+        row_fold = fold_max(matrix, 1, blocks)
+        col_fold = fold_max(matrix, 0, blocks)
+        if reverse_folds:
+            row_fold = ops.flip(row_fold, axis=1)
+            col_fold = ops.flip(col_fold, axis=0)
+        row_max = _max(row_fold, axis=(1,))
+        col_max = _max(col_fold, axis=(0,))
     else:
         row_max = _max(matrix, axis=(1,))
         col_max = _max(matrix, axis=(0,))
@@ -138,6 +146,16 @@ def fold_max(x, axis, blocks):
     one is moved back to end at `n`, so it may overlap its neighbour. `max`
     is idempotent: overlap leaves the result exact. An axis shorter than
     `2 * blocks` is returned unchanged.
+
+    The point is that the compiler fuses the slices, their maxima and the
+    expression that produces `x` into one loop that writes only the folded
+    tensor. XLA:CPU as built into jaxlib (0.10) instead hands the maxima to
+    the YNNPACK reduction fusion that follows, which takes its operands
+    written out in full: every slice, twice `x` in all, in a temporary
+    buffer that is allocated and page-faulted anew at each step. Reversing
+    the folded tensor before it is reduced (`reverse_folds`) keeps the fold
+    in XLA's own loop, since that fusion does not take a reverse; TensorFlow's
+    XLA fuses the fold without it and runs slower with it (docs/performance.md).
     """
     n = x.shape[axis]
     if n < 2 * blocks:
@@ -185,7 +203,8 @@ def preconditioned(grad, nu, epsilon):
     return ops.where(positive, grad * ops.rsqrt(safe_nu), 0.0)
 
 
-def dense_step(grad, accumulators, beta2, epsilon, blocks=1):
+def dense_step(grad, accumulators, beta2, epsilon, blocks=1,
+               reverse_folds=False):
     """One dense SM3 step on the accumulators.
 
     Args:
@@ -197,6 +216,8 @@ def dense_step(grad, accumulators, beta2, epsilon, blocks=1):
         blocks: how many slices the two reduction passes fold a large
             tensor into first (`fold_max`; exact either way, a speed choice
             per backend and device).
+        reverse_folds: reverse the folded tensors before reducing them (see
+            `fold_max`; exact either way, a choice per backend).
 
     Returns:
         `(update, new_accumulators)` with `update` shaped like `grad`.
@@ -218,5 +239,5 @@ def dense_step(grad, accumulators, beta2, epsilon, blocks=1):
     nu = second_moment(ops.minimum(row_prev, col_prev), g, beta2)
     return (
         ops.reshape(preconditioned(g, nu, epsilon), shape),
-        _maxima_of_matrix(nu, shape, split, blocks),
+        _maxima_of_matrix(nu, shape, split, blocks, reverse_folds),
     )

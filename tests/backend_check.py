@@ -2,8 +2,9 @@
 
 Prints one JSON line: the largest difference from the NumPy reference after
 three steps (a rank-3 variable, a scalar, and a matrix large enough for the
-folded reductions), how many blocks the reductions use on this backend, and
-`fit`'s first and last loss.
+folded reductions), how many blocks the reductions use on this backend and
+whether they reverse their folds, `fit`'s first and last loss, and on JAX the
+compiled step's temporary memory as a fraction of the variable's size.
 """
 
 import json
@@ -19,6 +20,25 @@ import keras  # noqa: E402
 from numpy_reference import SM3Reference  # noqa: E402
 from sm3_tf import SM3  # noqa: E402
 from sm3_tf import optimizer as sm3_optimizer  # noqa: E402
+
+
+def jax_step_temp_fraction(shape=(1024, 512)):
+    """Temporary bytes of a compiled SM3 step (JAX) over the variable's bytes.
+
+    A matrix large enough for the folded reductions; momentum 0, so the
+    update itself needs no buffer beyond the variable's.
+    """
+    import jax
+
+    var = keras.Variable(np.ones(shape, np.float32))
+    opt = SM3(0.1, momentum=0.0)
+    opt.build([var])
+    step = jax.jit(lambda trainable, state, grads: opt.stateless_apply(
+        state, grads, trainable))
+    compiled = step.lower([var.value], [v.value for v in opt.variables],
+                          [jax.numpy.ones(shape, np.float32)]).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    return temp / (np.prod(shape) * 4)
 
 
 def main():
@@ -55,9 +75,13 @@ def main():
     model.compile(optimizer=SM3(0.05), loss="mse")
     x = rng.normal(size=(64, 4)).astype("float32")
     history = model.fit(x, x.sum(1, keepdims=True), epochs=5, verbose=0)
-    print(json.dumps({"backend": keras.backend.backend(), "max_diff": diff,
-                      "blocks": sm3_optimizer._reduction_blocks(big),
-                      "losses": history.history["loss"]}))
+    result = {"backend": keras.backend.backend(), "max_diff": diff,
+              "blocks": sm3_optimizer._reduction_blocks(big),
+              "reverse_folds": sm3_optimizer._reverse_folds(),
+              "losses": history.history["loss"]}
+    if keras.backend.backend() == "jax":
+        result["step_temp_fraction"] = jax_step_temp_fraction()
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,164 @@
+"""Times one optimizer step on Keras's JAX backend: SM3 against Keras's optimizers.
+
+    python scripts/bench_step_jax.py [--models resnet50,transformer_big]
+        [--rounds 7] [--optimizers sgd,...] [--cap_dims N] [--json FILE]
+
+The JAX twin of `bench_step.py`'s dense tables: the same variable sets and
+optimizers, each step one `optimizer.stateless_apply` under `jax.jit`, with
+the variables and the optimizer state donated (updated in place, as
+TensorFlow updates its variables), rounds interleaved, medians and SM3's
+ratios printed. JAX always compiles with XLA, so the ratios are set against
+the XLA targets. It runs on JAX's default device: a GPU where JAX has one
+(`JAX_PLATFORMS=cpu` forces the CPU). On a GPU it shows whether XLA:GPU
+computes SM3's row and column maxima in the update's pass, which XLA:CPU
+cannot (docs/performance.md).
+
+`--compare_unreversed` adds SM3 traced with `rule.fold_max`'s reversed folds
+turned off (how SM3 ran on JAX before they were added), in the same rounds.
+
+The script sets `KERAS_BACKEND=jax` unless it is set; set to another
+backend, it stops with an error.
+"""
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+import model_shapes  # noqa: E402
+
+from sm3_tf import optimizer as sm3_optimizer  # noqa: E402
+
+UNREVERSED = " (unreversed folds)"
+
+
+def make_values(shapes, seed=0):
+    """Initial values and gradients, drawn as `bench_step.make_problem` does."""
+    rng = np.random.default_rng(seed)
+    values, grads = [], []
+    for shape in shapes:
+        values.append(rng.standard_normal(shape, dtype=np.float32) * 0.05)
+        grads.append(jax.numpy.asarray(
+            rng.standard_normal(shape, dtype=np.float32) * 1e-3))
+    return values, grads
+
+
+def step_function(optimizer, values, grads):
+    """A step that applies `grads` once; returns the new state to wait on.
+
+    Each optimizer gets its own copy of the variables: their buffers are
+    donated to the compiled step, so no two optimizers may share them.
+    """
+    variables = [keras.Variable(v) for v in values]
+    optimizer.build(variables)
+    state = ([v.value for v in variables],
+             [v.value for v in optimizer.variables])
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def apply(trainable, optimizer_state, grads):
+        return optimizer.stateless_apply(optimizer_state, grads, trainable)
+
+    def step():
+        nonlocal state
+        state = apply(state[0], state[1], grads)
+        return state
+
+    return step
+
+
+def build_step(name, values, grads):
+    """`step_function` for an optimizer name, `UNREVERSED` ones included."""
+    if not name.endswith(UNREVERSED):
+        return step_function(harness.build_optimizer(name), values, grads)
+    chosen = sm3_optimizer._reverse_folds
+    sm3_optimizer._reverse_folds = lambda: False
+    try:  # the choice is read when the step is traced: trace it now
+        step = step_function(
+            harness.build_optimizer(name[:-len(UNREVERSED)]), values, grads)
+        jax.block_until_ready(step())
+    finally:
+        sm3_optimizer._reverse_folds = chosen
+    return step
+
+
+def bench(models, rounds, optimizers, cap_dims=None):
+    results = {}
+    device = jax.devices()[0]
+    for model in models:
+        shapes = [shape for _, shape in model_shapes.MODELS[model]()]
+        if cap_dims:
+            shapes = harness.cap_shapes(shapes, cap_dims)
+            model = f"{model} (every axis cut to <= {cap_dims})"
+        params = sum(int(np.prod(s)) for s in shapes)
+        print(f"\n== {model}: {len(shapes)} variables, {params / 1e6:.4g} M "
+              f"parameters, on {device.platform} ({device.device_kind})",
+              flush=True)
+        values, grads = make_values(shapes)
+        steps = {}
+        for name in optimizers:
+            start = time.perf_counter()
+            steps[name] = build_step(name, values, grads)
+            jax.block_until_ready(steps[name]())  # trace and compile
+            print(f"  compiled {name} in {time.perf_counter() - start:.1f} s",
+                  flush=True)
+        med = harness.time_interleaved(steps, rounds, jax.block_until_ready)
+        label = f"{model}, Keras JAX backend, XLA on {device.platform}"
+        harness.report_ratios(label, med, True, targets=not cap_dims)
+        results[label] = med
+        del steps
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet50,transformer_big")
+    parser.add_argument("--optimizers",
+                        default=",".join(harness.OPTIMIZER_NAMES))
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--cap_dims", type=int,
+                        help="cut every axis to at most this many entries: "
+                        "the step's fixed cost per kernel, without the data")
+    parser.add_argument("--compare_unreversed", action="store_true",
+                        help="also time SM3 without reversed folds")
+    parser.add_argument("--json", help="write all medians to this file")
+    args = parser.parse_args()
+    if keras.backend.backend() != "jax":
+        parser.error("this script times Keras's JAX backend, but "
+                     f"KERAS_BACKEND={os.environ.get('KERAS_BACKEND')!r}: "
+                     "unset it or set it to jax (bench_step.py times "
+                     "TensorFlow)")
+    if args.rounds < 1:
+        parser.error(f"--rounds: must be >= 1, got {args.rounds}")
+    if args.cap_dims is not None and args.cap_dims < 1:
+        parser.error(f"--cap_dims: must be >= 1, got {args.cap_dims}")
+    optimizers = [o for o in args.optimizers.split(",") if o]
+    for name in optimizers:
+        if name not in harness.OPTIMIZER_NAMES:
+            parser.error(f"--optimizers: unknown {name!r}; choose from "
+                         f"{', '.join(harness.OPTIMIZER_NAMES)}")
+    if args.compare_unreversed:
+        optimizers += [name + UNREVERSED for name in optimizers
+                       if name.startswith("sm3")]
+    models = [m for m in args.models.split(",") if m]
+    for model in models:
+        if model not in model_shapes.MODELS:
+            parser.error(f"--models: unknown {model!r}; choose from "
+                         f"{', '.join(model_shapes.MODELS)}")
+    results = bench(models, args.rounds, optimizers, args.cap_dims)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
