@@ -46,4 +46,3 @@ def test_dense_rule_and_fit_on_backend(backend, module, blocks,
         # page-faulted anew at each step.
         assert result["step_temp_fraction"] <= 0.25
     assert result["losses"][-1] < result["losses"][0]
-
