@@ -13,8 +13,8 @@ the XLA targets. It runs on JAX's default device: a GPU where JAX has one
 computes SM3's row and column maxima in the update's pass, which XLA:CPU
 cannot (docs/performance.md).
 
-`--compare_unreversed` adds SM3 traced with `rule.fold_max`'s reversed folds
-turned off (how SM3 ran on JAX before they were added), in the same rounds.
+`--compare_unsplit` adds SM3 traced with its folds reduced whole, not in two
+(`rule.fold_max`; how SM3 ran on JAX before), in the same rounds.
 
 The script sets `KERAS_BACKEND=jax` unless it is set; set to another
 backend, it stops with an error.
@@ -39,7 +39,7 @@ import model_shapes  # noqa: E402
 
 from sm3_tf import optimizer as sm3_optimizer  # noqa: E402
 
-UNREVERSED = " (unreversed folds)"
+UNSPLIT = " (folds reduced whole)"
 
 
 def make_values(shapes, seed=0):
@@ -77,17 +77,17 @@ def step_function(optimizer, values, grads):
 
 
 def build_step(name, values, grads):
-    """`step_function` for an optimizer name, `UNREVERSED` ones included."""
-    if not name.endswith(UNREVERSED):
+    """`step_function` for an optimizer name, `UNSPLIT` ones included."""
+    if not name.endswith(UNSPLIT):
         return step_function(harness.build_optimizer(name), values, grads)
-    chosen = sm3_optimizer._reverse_folds
-    sm3_optimizer._reverse_folds = lambda: False
+    chosen = sm3_optimizer._split_fold_reductions
+    sm3_optimizer._split_fold_reductions = lambda: False
     try:  # the choice is read when the step is traced: trace it now
         step = step_function(
-            harness.build_optimizer(name[:-len(UNREVERSED)]), values, grads)
+            harness.build_optimizer(name[:-len(UNSPLIT)]), values, grads)
         jax.block_until_ready(step())
     finally:
-        sm3_optimizer._reverse_folds = chosen
+        sm3_optimizer._split_fold_reductions = chosen
     return step
 
 
@@ -128,8 +128,8 @@ def main():
     parser.add_argument("--cap_dims", type=int,
                         help="cut every axis to at most this many entries: "
                         "the step's fixed cost per kernel, without the data")
-    parser.add_argument("--compare_unreversed", action="store_true",
-                        help="also time SM3 without reversed folds")
+    parser.add_argument("--compare_unsplit", action="store_true",
+                        help="also time SM3 with its folds reduced whole")
     parser.add_argument("--json", help="write all medians to this file")
     args = parser.parse_args()
     if keras.backend.backend() != "jax":
@@ -146,8 +146,8 @@ def main():
         if name not in harness.OPTIMIZER_NAMES:
             parser.error(f"--optimizers: unknown {name!r}; choose from "
                          f"{', '.join(harness.OPTIMIZER_NAMES)}")
-    if args.compare_unreversed:
-        optimizers += [name + UNREVERSED for name in optimizers
+    if args.compare_unsplit:
+        optimizers += [name + UNSPLIT for name in optimizers
                        if name.startswith("sm3")]
     models = [m for m in args.models.split(",") if m]
     for model in models:

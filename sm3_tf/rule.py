@@ -45,7 +45,7 @@ def min_of_accumulators(accumulators, leading=None):
     return prev
 
 
-def max_over_all_axes_but_each(x, blocks=1, reverse_folds=False):
+def max_over_all_axes_but_each(x, blocks=1, split_fold_reductions=False):
     """`[max of x over every axis but i for i in range(rank)]`, for `x >= 0`.
 
     Reducing each axis separately reads the whole tensor once per axis.
@@ -67,9 +67,10 @@ def max_over_all_axes_but_each(x, blocks=1, reverse_folds=False):
             the slices with the expression that produces `x` into one
             vectorized loop, where it writes a reduction's input to memory
             first (docs/performance.md).
-        reverse_folds: with `blocks > 1`, reverse each folded tensor along
-            the axis its reduction removes (`fold_max`'s note says why; the
-            maxima are the same).
+        split_fold_reductions: with `blocks > 1`, reduce each folded
+            tensor as two slices, its first row (or column) and the rest,
+            and take the larger (`fold_max`'s note says why; the maxima are
+            the same).
 
     An empty `x` (a sparse step that touches no row) reduces to 0.
     """
@@ -80,7 +81,8 @@ def max_over_all_axes_but_each(x, blocks=1, reverse_folds=False):
     split = split_axes(shape)
     if None not in shape:
         matrix = ops.reshape(x, matrix_shape(shape, split))
-        return _maxima_of_matrix(matrix, shape, split, blocks, reverse_folds)
+        return _maxima_of_matrix(matrix, shape, split, blocks,
+                                 split_fold_reductions)
     # The sparse path's touched rows, when their number is not static.
     leading = _max(x, axis=tuple(range(split, rank)))
     trailing = _max(x, axis=tuple(range(split)))
@@ -105,22 +107,37 @@ def matrix_shape(shape, split):
     return _size(shape[:split]), _size(shape[split:])
 
 
-def _maxima_of_matrix(matrix, shape, split, blocks, reverse_folds=False):
+def _maxima_of_matrix(matrix, shape, split, blocks,
+                      split_fold_reductions=False):
     """Per-axis maxima of a tensor of `shape`, given as its (rows, cols) view."""
     if blocks > 1 and _size(shape) >= FOLD_MIN_SIZE:
-        row_fold = fold_max(matrix, 1, blocks)
-        col_fold = fold_max(matrix, 0, blocks)
-        if reverse_folds:
-            row_fold = ops.flip(row_fold, axis=1)
-            col_fold = ops.flip(col_fold, axis=0)
-        row_max = _max(row_fold, axis=(1,))
-        col_max = _max(col_fold, axis=(0,))
+        reduce = _max_in_two if split_fold_reductions else _max_along
+        row_max = reduce(fold_max(matrix, 1, blocks), 1)
+        col_max = reduce(fold_max(matrix, 0, blocks), 0)
     else:
         row_max = _max(matrix, axis=(1,))
         col_max = _max(matrix, axis=(0,))
     return _max_over_each_axis(
         ops.reshape(row_max, shape[:split])
     ) + _max_over_each_axis(ops.reshape(col_max, shape[split:]))
+
+
+def _max_along(x, axis):
+    return _max(x, axis=(axis,))
+
+
+def _max_in_two(x, axis):
+    """`max(x, axis)` of a 2-D `x`, as the larger of two reductions: of the
+    first slice along `axis` and of the rest (`split_fold_reductions`)."""
+    n = x.shape[axis]
+    if n < 2:
+        return _max_along(x, axis)
+    first, rest = [0, 0], [0, 0]
+    rest[axis] = 1
+    first_size, rest_size = list(x.shape), list(x.shape)
+    first_size[axis], rest_size[axis] = 1, n - 1
+    return ops.maximum(_max_along(ops.slice(x, first, first_size), axis),
+                       _max_along(ops.slice(x, rest, rest_size), axis))
 
 
 # Tensors smaller than this are reduced directly: folding them saves less
@@ -152,10 +169,11 @@ def fold_max(x, axis, blocks):
     tensor. XLA:CPU as built into jaxlib (0.10) instead hands the maxima to
     the YNNPACK reduction fusion that follows, which takes its operands
     written out in full: every slice, twice `x` in all, in a temporary
-    buffer that is allocated and page-faulted anew at each step. Reversing
-    the folded tensor before it is reduced (`reverse_folds`) keeps the fold
-    in XLA's own loop, since that fusion does not take a reverse; TensorFlow's
-    XLA fuses the fold without it and runs slower with it (docs/performance.md).
+    buffer that is allocated and page-faulted anew at each step. Reducing
+    the folded tensor as two slices (`split_fold_reductions`) keeps the
+    fold in XLA's own loop, since that fusion does not take a slice;
+    TensorFlow's XLA fuses the fold without it and runs slower with it
+    (docs/performance.md).
     """
     n = x.shape[axis]
     if n < 2 * blocks:
@@ -204,7 +222,7 @@ def preconditioned(grad, nu, epsilon):
 
 
 def dense_step(grad, accumulators, beta2, epsilon, blocks=1,
-               reverse_folds=False):
+               split_fold_reductions=False):
     """One dense SM3 step on the accumulators.
 
     Args:
@@ -216,8 +234,8 @@ def dense_step(grad, accumulators, beta2, epsilon, blocks=1,
         blocks: how many slices the two reduction passes fold a large
             tensor into first (`fold_max`; exact either way, a speed choice
             per backend and device).
-        reverse_folds: reverse the folded tensors before reducing them (see
-            `fold_max`; exact either way, a choice per backend).
+        split_fold_reductions: reduce each folded tensor as two slices
+            (see `fold_max`; exact either way, a choice per backend).
 
     Returns:
         `(update, new_accumulators)` with `update` shaped like `grad`.
@@ -239,5 +257,5 @@ def dense_step(grad, accumulators, beta2, epsilon, blocks=1,
     nu = second_moment(ops.minimum(row_prev, col_prev), g, beta2)
     return (
         ops.reshape(preconditioned(g, nu, epsilon), shape),
-        _maxima_of_matrix(nu, shape, split, blocks, reverse_folds),
+        _maxima_of_matrix(nu, shape, split, blocks, split_fold_reductions),
     )

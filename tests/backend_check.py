@@ -3,7 +3,7 @@
 Prints one JSON line: the largest difference from the NumPy reference after
 three steps (a rank-3 variable, a scalar, and a matrix large enough for the
 folded reductions), how many blocks the reductions use on this backend and
-whether they reverse their folds, `fit`'s first and last loss, and on JAX the
+whether they reduce each fold in two, `fit`'s first and last loss, and on JAX the
 compiled step's temporary memory as a fraction of the variable's size.
 """
 
@@ -77,7 +77,8 @@ def main():
     history = model.fit(x, x.sum(1, keepdims=True), epochs=5, verbose=0)
     result = {"backend": keras.backend.backend(), "max_diff": diff,
               "blocks": sm3_optimizer._reduction_blocks(big),
-              "reverse_folds": sm3_optimizer._reverse_folds(),
+              "split_fold_reductions":
+                  sm3_optimizer._split_fold_reductions(),
               "losses": history.history["loss"]}
     if keras.backend.backend() == "jax":
         result["step_temp_fraction"] = jax_step_temp_fraction()

@@ -24,13 +24,13 @@ def _run(backend):
 
 
 # JAX compiles the step with XLA, which on CPU runs the folded reductions
-# faster (with reversed folds: rule.fold_max); eager PyTorch would copy every
-# slice, so it reduces directly.
-@pytest.mark.parametrize("backend, module, blocks, reverse_folds",
+# faster (reducing each fold in two: rule.fold_max); eager PyTorch would copy
+# every slice, so it reduces directly.
+@pytest.mark.parametrize("backend, module, blocks, split_folds",
                          [("torch", "torch", 1, False),
                           ("jax", "jax", 8, True)])
 def test_dense_rule_and_fit_on_backend(backend, module, blocks,
-                                       reverse_folds):
+                                       split_folds):
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} is not installed (pip install "
                     f"{'torch==2.13.0' if module == 'torch' else 'jax'})")
@@ -38,11 +38,11 @@ def test_dense_rule_and_fit_on_backend(backend, module, blocks,
     assert result["backend"] == backend
     assert result["max_diff"] < 1e-5
     assert result["blocks"] == blocks
-    assert result["reverse_folds"] == reverse_folds
+    assert result["split_fold_reductions"] == split_folds
     if backend == "jax":
         # The folds stay in XLA's own loop: the step's temporaries are the
-        # two folded tensors (1/8 of the matrix each). Unreversed, jaxlib's
-        # XLA wrote every slice out (twice the matrix), allocated and
-        # page-faulted anew at each step.
+        # two folded tensors (1/8 of the matrix each). Reduced whole,
+        # jaxlib's XLA wrote every slice out (twice the matrix), allocated
+        # and page-faulted anew at each step.
         assert result["step_temp_fraction"] <= 0.25
     assert result["losses"][-1] < result["losses"][0]

@@ -101,12 +101,12 @@ def test_accumulators_never_decrease_with_running_sum(p):
 @given(st.lists(st.integers(1, 40), min_size=2, max_size=4).map(tuple),
        st.integers(2, 9), st.booleans(), st.integers(0, 2**31 - 1))
 def test_folded_reduction_equals_direct_reduction_bit_for_bit(
-        shape, blocks, reverse_folds, seed):
+        shape, blocks, split_fold_reductions, seed):
     # Sizes that are not multiples of `blocks` make the last slice overlap.
     x = np.abs(np.random.default_rng(seed).normal(size=shape)).astype(np.float32)
     with _fold_every_size():
         got = rule.max_over_all_axes_but_each(tf.constant(x), blocks,
-                                              reverse_folds)
+                                              split_fold_reductions)
     axes = range(len(shape))
     assert len(got) == len(shape)
     for i, g in zip(axes, got):
