@@ -68,14 +68,9 @@ VARIABLE_SETS = {
 
 
 def make_problem(shapes, seed=0):
-    rng = np.random.default_rng(seed)
-    variables, grads = [], []
-    for i, shape in enumerate(shapes):
-        init = rng.standard_normal(shape, dtype=np.float32) * 0.05
-        variables.append(keras.Variable(init, name=f"v{i}"))
-        grads.append(tf.constant(
-            rng.standard_normal(shape, dtype=np.float32) * 1e-3))
-    return variables, grads
+    values, grads = harness.draw_problem(shapes, seed)
+    return ([keras.Variable(v, name=f"v{i}") for i, v in enumerate(values)],
+            [tf.constant(g) for g in grads])
 
 
 def _wait(result):
@@ -346,10 +341,7 @@ def main():
     args = parser.parse_args()
     xla_modes = {"both": [True, False], "on": [True], "off": [False]}[args.xla]
     optimizers = args.optimizers.split(",")
-    for name in optimizers:
-        if name not in OPTIMIZERS:
-            parser.error(f"--optimizers: unknown {name!r}; choose from "
-                         f"{', '.join(OPTIMIZERS)}")
+    harness.check_names(parser, "--optimizers", optimizers, OPTIMIZERS)
     if args._peak_child:
         shape = tuple(int(s) for s in args._shape.split(","))
         peak_memory_child(args._peak_child, shape, xla_modes[0])
@@ -366,10 +358,7 @@ def main():
         parser.error("--cap_dims applies to the dense tables, which "
                      "--no_dense skips")
     models = [m for m in args.models.split(",") if m]
-    for model in models:
-        if model not in VARIABLE_SETS:
-            parser.error(f"--models: unknown {model!r}; choose from "
-                         f"{', '.join(VARIABLE_SETS)}")
+    harness.check_names(parser, "--models", models, VARIABLE_SETS)
     results = {}
     if not args.no_dense:
         results["dense"] = bench_dense(models, xla_modes, args.rounds,

@@ -43,14 +43,9 @@ UNSPLIT = " (folds reduced whole)"
 
 
 def make_values(shapes, seed=0):
-    """Initial values and gradients, drawn as `bench_step.make_problem` does."""
-    rng = np.random.default_rng(seed)
-    values, grads = [], []
-    for shape in shapes:
-        values.append(rng.standard_normal(shape, dtype=np.float32) * 0.05)
-        grads.append(jax.numpy.asarray(
-            rng.standard_normal(shape, dtype=np.float32) * 1e-3))
-    return values, grads
+    """`harness.draw_problem`'s values, and its gradients on JAX's device."""
+    values, grads = harness.draw_problem(shapes, seed)
+    return values, [jax.numpy.asarray(g) for g in grads]
 
 
 def step_function(optimizer, values, grads):
@@ -142,18 +137,13 @@ def main():
     if args.cap_dims is not None and args.cap_dims < 1:
         parser.error(f"--cap_dims: must be >= 1, got {args.cap_dims}")
     optimizers = [o for o in args.optimizers.split(",") if o]
-    for name in optimizers:
-        if name not in harness.OPTIMIZER_NAMES:
-            parser.error(f"--optimizers: unknown {name!r}; choose from "
-                         f"{', '.join(harness.OPTIMIZER_NAMES)}")
+    harness.check_names(parser, "--optimizers", optimizers,
+                        harness.OPTIMIZER_NAMES)
     if args.compare_unsplit:
         optimizers += [name + UNSPLIT for name in optimizers
                        if name.startswith("sm3")]
     models = [m for m in args.models.split(",") if m]
-    for model in models:
-        if model not in model_shapes.MODELS:
-            parser.error(f"--models: unknown {model!r}; choose from "
-                         f"{', '.join(model_shapes.MODELS)}")
+    harness.check_names(parser, "--models", models, model_shapes.MODELS)
     results = bench(models, args.rounds, optimizers, args.cap_dims)
     if args.json:
         with open(args.json, "w") as f:

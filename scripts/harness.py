@@ -36,6 +36,30 @@ OPTIMIZER_NAMES = ("sgd", "sgd_momentum", "adagrad", "adam", "adafactor",
                    "sm3", "sm3_no_momentum")
 
 
+def draw_problem(shapes, seed=0):
+    """Initial values and gradients (float32 NumPy arrays) for `shapes`.
+
+    Both benchmark scripts draw from here, so their tables time the same
+    numbers.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    values, grads = [], []
+    for shape in shapes:
+        values.append(rng.standard_normal(shape, dtype=np.float32) * 0.05)
+        grads.append(rng.standard_normal(shape, dtype=np.float32) * 1e-3)
+    return values, grads
+
+
+def check_names(parser, flag, names, known):
+    """`parser.error` naming the first of `names` not in `known`."""
+    for name in names:
+        if name not in known:
+            parser.error(f"{flag}: unknown {name!r}; choose from "
+                         f"{', '.join(known)}")
+
+
 def time_interleaved(steps, rounds, wait, warmup=2):
     """`{name: median seconds}` of `steps[name]()`, rounds interleaved.
 

@@ -232,9 +232,7 @@ def main():
     parser.add_argument("--_optimizer", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.model not in model_shapes.MODELS:
-        parser.error(f"--model: unknown {args.model!r}; choose from "
-                     f"{', '.join(model_shapes.MODELS)}")
+    harness.check_names(parser, "--model", [args.model], model_shapes.MODELS)
     if args._child:
         measure_child(args.model, args._optimizer, args.batch_size,
                       args.steps, args.jit_compile == "true")
@@ -242,10 +240,8 @@ def main():
     from sm3_tf import memory
 
     optimizers = [o for o in args.optimizers.split(",") if o]
-    for name in optimizers:
-        if name not in memory.STATE_RULES:
-            parser.error(f"--optimizers: unknown {name!r}; choose from "
-                         f"{', '.join(memory.STATE_RULES)}")
+    harness.check_names(parser, "--optimizers", optimizers,
+                        memory.STATE_RULES)
     for flag in ("batch_size", "steps", "repeats"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1")
