@@ -38,7 +38,7 @@ def _single_replica():
     return tf.distribute.get_strategy().num_replicas_in_sync == 1
 
 
-def _in_xla_program():
+def in_xla_program():
     """Whether the op being traced is part of an XLA-compiled function."""
     graph = tf.compat.v1.get_default_graph()
     return control_flow_util.GraphOrParentsInXlaContext(graph)
@@ -47,7 +47,7 @@ def _in_xla_program():
 def dense_update(optimizer, gradient, variable, accumulators, momentum,
                  learning_rate):
     """`optimizer._dense_update(...)`, compiled with XLA where it can be."""
-    if _in_xla_program() or not _single_replica():
+    if in_xla_program() or not _single_replica():
         optimizer._dense_update(gradient, variable, accumulators, momentum,
                                 learning_rate)
         return

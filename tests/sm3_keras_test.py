@@ -302,12 +302,12 @@ def test_rule_is_traced_into_an_enclosing_xla_program():
 
     @tf.function(jit_compile=True)
     def compiled():
-        seen["compiled"] = tf_compile._in_xla_program()
+        seen["compiled"] = tf_compile.in_xla_program()
         return tf.constant(0)
 
     @tf.function
     def plain():
-        seen["plain"] = tf_compile._in_xla_program()
+        seen["plain"] = tf_compile.in_xla_program()
         return tf.constant(0)
 
     compiled()

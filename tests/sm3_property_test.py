@@ -99,12 +99,15 @@ def test_accumulators_never_decrease_with_running_sum(p):
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(1, 40), min_size=2, max_size=4).map(tuple),
-       st.integers(2, 9), st.booleans(), st.integers(0, 2**31 - 1))
+       st.integers(2, 9), st.booleans(), st.sampled_from([1, 2, 3, 16]),
+       st.integers(0, 2**31 - 1))
 def test_folded_reduction_equals_direct_reduction_bit_for_bit(
-        shape, blocks, split_fold_reductions, seed):
-    # Sizes that are not multiples of `blocks` make the last slice overlap.
+        shape, blocks, split_fold_reductions, run_width, seed):
+    # Sizes that are not multiples of `blocks` make the last slice overlap;
+    # narrow runs make small shapes take the row pass's `fold_runs` too.
     x = np.abs(np.random.default_rng(seed).normal(size=shape)).astype(np.float32)
-    with _fold_every_size():
+    with _fold_every_size(), mock.patch.object(rule, "ROW_RUN_WIDTH",
+                                               run_width):
         got = rule.max_over_all_axes_but_each(tf.constant(x), blocks,
                                               split_fold_reductions)
     axes = range(len(shape))
@@ -112,6 +115,21 @@ def test_folded_reduction_equals_direct_reduction_bit_for_bit(
     for i, g in zip(axes, got):
         want = x.max(axis=tuple(a for a in axes if a != i))
         np.testing.assert_array_equal(np.asarray(g), want)
+
+
+def test_fold_runs_folds_the_pieces_of_each_run():
+    # 2 rows of 2 runs, each of 3 pieces of width 2: piece k of run r
+    # holds r * 6 + k * 2 + (0, 1) (plus 100 on the second row).
+    x = np.arange(2 * 12, dtype=np.float32).reshape(2, 12)
+    x[1] += 100
+    folded = np.asarray(rule.fold_runs(tf.constant(x), 3, 2))
+    assert folded.shape == (2, 2, 2)
+    np.testing.assert_array_equal(folded[0], [[4, 5], [10, 11]])
+    np.testing.assert_array_equal(folded.max(axis=(1, 2)), x.max(axis=1))
+    scrambled = np.random.default_rng(0).permutation(x.ravel()).reshape(2, 12)
+    np.testing.assert_array_equal(
+        np.asarray(rule.fold_runs(tf.constant(scrambled), 3, 2)).max(
+            axis=(1, 2)), scrambled.max(axis=1))
 
 
 def test_fold_max_covers_the_axis_with_overlapping_slices():

@@ -138,6 +138,8 @@ def test_momentum_zero_step_never_writes_the_whole_variable():
             op_types.update(o.type for o in fn.graph.get_operations())
     assert "ResourceScatterSub" in op_types
     assert "AssignSubVariableOp" not in op_types
+    # Uncompiled, the step works on the distinct rows (`sparse.distinct_rows`).
+    assert "Unique" in op_types
 
 
 @settings(max_examples=40, deadline=None)
@@ -160,6 +162,14 @@ def test_sum_repeated_rows_static_shape():
         tf.constant([[1.0], [2.0], [3.0], [4.0], [5.0]]))
     np.testing.assert_array_equal(summed.numpy().ravel(), [9, 2, 9, 4, 9])
     np.testing.assert_array_equal(first.numpy(), [1, 1, 0, 1, 0])
+
+
+def test_distinct_rows_sums_each_index_once():
+    rows, sums = sparse.distinct_rows(
+        tf.constant([2, 0, 2, 1, 2]),
+        tf.constant([[1.0], [2.0], [3.0], [4.0], [5.0]]))
+    np.testing.assert_array_equal(rows.numpy(), [2, 0, 1])
+    np.testing.assert_array_equal(sums.numpy().ravel(), [9, 2, 4])
 
 
 def test_embedding_model_fit_sparse_matches_dense_gradient():
