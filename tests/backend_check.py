@@ -2,7 +2,7 @@
 
 Prints one JSON line: the largest difference from the NumPy reference after
 three steps (a rank-3 variable, a scalar, and a matrix large enough for the
-folded reductions), how many blocks the reductions use on this backend and
+folded reductions, its rows folded by runs: `rule.fold_runs`), how many blocks the reductions use on this backend and
 whether they reduce each fold in two, `fit`'s first and last loss, and on JAX the
 compiled step's temporary memory as a fraction of the variable's size.
 """
@@ -49,12 +49,12 @@ def main():
     scalar = keras.Variable(np.float32(0.5))
     ref = SM3Reference(init, 0.25, 0.9, 1.0, 0.0)
     ref_scalar = SM3Reference(np.float32(0.5), 0.25, 0.9, 1.0, 0.0)
-    big_init = rng.normal(size=(300, 250)).astype("float32")  # folded
+    big_init = rng.normal(size=(300, 256)).astype("float32")  # folded
     big = keras.Variable(big_init)
     ref_big = SM3Reference(big_init, 0.25, 0.9, 1.0, 0.0)
     for _ in range(3):
         g = rng.normal(size=(3, 4, 2)).astype("float32")
-        g_big = rng.normal(size=(300, 250)).astype("float32")
+        g_big = rng.normal(size=(300, 256)).astype("float32")
         opt.apply_gradients([
             (keras.ops.convert_to_tensor(g), var),
             (keras.ops.convert_to_tensor(np.float32(0.1)), scalar),
