@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+import harness  # scripts/, beside this file
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
@@ -288,10 +290,7 @@ def main():
         run_mlp_child(args)
         return
     optimizers = [o for o in args.optimizers.split(",") if o]
-    for name in optimizers:
-        if name not in OPTIMIZERS:
-            parser.error(f"--optimizers: unknown {name!r}; choose from "
-                         f"{', '.join(OPTIMIZERS)}")
+    harness.check_names(parser, "--optimizers", optimizers, OPTIMIZERS)
     try:
         factors = [float(f) for f in args.lr_factors.split(",")]
     except ValueError:

@@ -2,9 +2,10 @@
 
 Prints one JSON line: the largest difference from the NumPy reference after
 three steps (a rank-3 variable, a scalar, and a matrix large enough for the
-folded reductions, its rows folded by runs: `rule.fold_runs`), how many blocks the reductions use on this backend and
-whether they reduce each fold in two, `fit`'s first and last loss, and on JAX the
-compiled step's temporary memory as a fraction of the variable's size.
+folded reductions, its rows folded by runs: `rule.fold_runs`), how many
+blocks the reductions use on this backend and whether they reduce each fold
+in two, `fit`'s first and last loss, and on JAX the compiled step's temporary
+memory as a fraction of the variable's size.
 """
 
 import json
