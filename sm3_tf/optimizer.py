@@ -191,6 +191,14 @@ class SM3(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------ step
 
+    def apply(self, grads, trainable_variables=None):
+        """Applies `grads` to `trainable_variables` (see Keras's `apply`)."""
+        if _is_tensorflow():
+            from sm3_tf import tf_compile
+
+            tf_compile.wait_for_all_gradients(self, grads)
+        return super().apply(grads, trainable_variables)
+
     def update_step(self, gradient, variable, learning_rate):
         """Applies one SM3 step to `variable`."""
         index = self._get_variable_index(variable)

@@ -44,6 +44,39 @@ def in_xla_program():
     return control_flow_util.GraphOrParentsInXlaContext(graph)
 
 
+def wait_for_all_gradients(optimizer, gradients):
+    """Makes this step's compiled updates start once every gradient exists.
+
+    Keras passes a step's gradients through one IdentityN (its all-reduce,
+    even with a single replica), which would make every update wait for all
+    of them, but Grappler removes it before the step runs: TensorFlow then
+    starts each compiled update as soon as its own gradient exists, in the
+    middle of backpropagation. There, on 2 cores, the updates slowed the rest
+    of the step by more than they saved: a small Transformer's training step
+    took 3-7 ms longer (of 270-300) than with every update waiting for the
+    last gradient (scripts/bench_step.py --fit, docs/performance.md). So
+    `SM3.apply` groups the gradients and each compiled update waits for the
+    group. Nothing changes eagerly, inside an XLA program (one program,
+    scheduled by XLA), with several replicas (no compiled updates there) or
+    where TensorFlow sees a GPU: the slowdown is the CPU's cores contended
+    for, and on a GPU an early update may fill a gap in its stream instead
+    (not measured: no GPU was at hand).
+    """
+    ready = None
+    if (not tf.executing_eagerly() and not in_xla_program()
+            and _single_replica()
+            and not tf.config.list_logical_devices("GPU")):
+        tensors = []
+        for gradient in gradients:
+            if isinstance(gradient, tf.IndexedSlices):
+                tensors += [gradient.values, gradient.indices]
+            elif tf.is_tensor(gradient):
+                tensors.append(gradient)
+        if tensors:
+            ready = tf.group(*tensors)
+    object.__setattr__(optimizer, "_sm3_gradients_ready", ready)
+
+
 def dense_update(optimizer, gradient, variable, accumulators, momentum,
                  learning_rate):
     """`optimizer._dense_update(...)`, compiled with XLA where it can be."""
@@ -71,10 +104,16 @@ def dense_update(optimizer, gradient, variable, accumulators, momentum,
     graph = tf.compat.v1.get_default_graph()
     large = math.prod(variable.shape) >= ORDERED_MIN_SIZE
     previous = optimizer.__dict__.get("_sm3_previous_update")
+    ready = optimizer.__dict__.get("_sm3_gradients_ready")
     after = []
-    if (large and not tf.executing_eagerly() and previous is not None
-            and previous.graph is graph):
-        after = [previous]
+    if not tf.executing_eagerly():
+        # `ready` and `previous` may come from another trace (a function
+        # traced earlier, or a branch of a `cond`): only ops of this graph
+        # can order this update.
+        if ready is not None and ready.graph is graph:
+            after.append(ready)
+        if large and previous is not None and previous.graph is graph:
+            after.append(previous)
     with tf.control_dependencies(after):
         done = compiled(
             gradient,

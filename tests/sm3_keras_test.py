@@ -315,6 +315,25 @@ def test_rule_is_traced_into_an_enclosing_xla_program():
     assert seen == {"compiled": True, "plain": False}
 
 
+def _ancestors(op):
+    """Every op that `op` waits for, through data or control edges."""
+    seen, todo = set(), [op]
+    while todo:
+        current = todo.pop()
+        for parent in [t.op for t in current.inputs] + list(
+                current.control_inputs):
+            if parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
+    return seen
+
+
+def _compiled_update_launches(graph):
+    return [op for op in graph.get_operations()
+            if op.type in ("StatefulPartitionedCall", "PartitionedCall")
+            and "update" in op.get_attr("f").name]
+
+
 def test_compiled_updates_run_one_after_another_in_a_traced_step():
     # Concurrent per-variable launches would each hold a variable-sized
     # temporary at once; each launch waits for the previous one.
@@ -329,25 +348,72 @@ def test_compiled_updates_run_one_after_another_in_a_traced_step():
         opt.apply_gradients([(tf.ones(large), v) for v in variables])
 
     graph = step.get_concrete_function().graph
-    launches = [op for op in graph.get_operations()
-                if op.type in ("StatefulPartitionedCall", "PartitionedCall")
-                and "update" in op.get_attr("f").name]
+    launches = _compiled_update_launches(graph)
     assert len(launches) == 3
 
-    def ancestors(op):
-        seen, todo = set(), [op]
+    for earlier, later in zip(launches, launches[1:]):
+        assert earlier in _ancestors(later)
+    assert launches[1] not in _ancestors(launches[0])
+
+
+def _grappler_ancestors(graph, fetches):
+    """For each op in `fetches`, the names of the ops it waits for once
+    Grappler, TensorFlow's graph optimizer, has rewritten `graph` (as it does
+    before running a `tf.function`; it removes, for one, the IdentityN that
+    Keras passes the gradients through)."""
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.grappler import tf_optimizer
+
+    meta_graph = tf.compat.v1.train.export_meta_graph(
+        graph_def=graph.as_graph_def(add_shapes=True), graph=graph)
+    meta_graph.collection_def["train_op"].node_list.value.extend(
+        op.name for op in fetches)
+    nodes = {node.name: node for node in tf_optimizer.OptimizeGraph(
+        config_pb2.ConfigProto(), meta_graph).node}
+
+    def ancestors(name):
+        seen, todo = set(), [name]
         while todo:
-            current = todo.pop()
-            for parent in [t.op for t in current.inputs] + list(
-                    current.control_inputs):
+            for parent in nodes[todo.pop()].input:
+                parent = parent.lstrip("^").split(":")[0]
                 if parent not in seen:
                     seen.add(parent)
                     todo.append(parent)
         return seen
 
-    for earlier, later in zip(launches, launches[1:]):
-        assert earlier in ancestors(later)
-    assert launches[1] not in ancestors(launches[0])
+    return [ancestors(op.name) for op in fetches]
+
+
+def test_compiled_updates_wait_for_every_gradient_in_a_traced_step():
+    # Started in the middle of backpropagation, the compiled updates slowed
+    # a training step down (docs/performance.md): each update waits for all
+    # of the step's gradients, not only its own, in the graph as run.
+    opt = SM3(learning_rate=LR)
+    variables = [keras.Variable(np.full((4, 3), i, np.float32))
+                 for i in (1.0, 2.0)]
+    opt.build(variables)
+
+    @tf.function
+    def step(x):
+        opt.apply([tf.sin(x), tf.cos(x)], variables)
+
+    graph = step.get_concrete_function(tf.TensorSpec((4, 3))).graph
+    launches = _compiled_update_launches(graph)
+    gradients = {op.name for op in graph.get_operations()
+                 if op.type in ("Sin", "Cos")}
+    assert len(launches) == 2 and len(gradients) == 2
+    for ancestors in _grappler_ancestors(graph, launches):
+        assert gradients <= ancestors
+
+    # The gate only orders the launches: the same values as eagerly.
+    x = np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(4, 3)
+    eager_opt = SM3(learning_rate=LR)
+    eager_variables = [keras.Variable(np.full((4, 3), i, np.float32))
+                       for i in (1.0, 2.0)]
+    step(tf.constant(x))
+    eager_opt.apply([tf.sin(x), tf.cos(x)], eager_variables)
+    for traced, eager in zip(variables, eager_variables):
+        np.testing.assert_array_equal(traced.numpy(), eager.numpy())
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
