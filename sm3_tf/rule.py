@@ -113,7 +113,7 @@ def matrix_shape(shape, split):
 def _maxima_of_matrix(matrix, shape, split, blocks,
                       split_fold_reductions=False):
     """Per-axis maxima of a tensor of `shape`, given as its (rows, cols) view."""
-    if blocks > 1 and _size(shape) >= FOLD_MIN_SIZE:
+    if _folds(shape, blocks):
         row_max = _row_maxima_folded(matrix, blocks, split_fold_reductions)
         col_max = _max_of_fold(fold_max(matrix, 0, blocks), 0, (0,),
                                split_fold_reductions)
@@ -123,6 +123,11 @@ def _maxima_of_matrix(matrix, shape, split, blocks,
     return _max_over_each_axis(
         ops.reshape(row_max, shape[:split])
     ) + _max_over_each_axis(ops.reshape(col_max, shape[split:]))
+
+
+def _folds(shape, blocks):
+    """Whether the maxima of a tensor of `shape` are folded (`fold_max`)."""
+    return blocks > 1 and _size(shape) >= FOLD_MIN_SIZE
 
 
 def _row_maxima_folded(matrix, blocks, split_fold_reductions):
@@ -243,11 +248,32 @@ def _max(x, axis):
     return ops.max(x, axis=axis, initial=0.0)  # empty or unknown length
 
 
-def second_moment(prev, grad, beta2):
-    """`nu`: the running sum (beta2 == 1) or moving average of squared gradients."""
+def second_moment(prev, grad, beta2, rounded_products=False):
+    """`nu`: the running sum (beta2 == 1) or moving average of squared gradients.
+
+    With `rounded_products`, each product is rounded before it is added, as
+    NumPy rounds it, in every compiled loop: see `_rounded`.
+    """
+    keep = _rounded if rounded_products else (lambda product: product)
     if beta2 == 1.0:
-        return prev + ops.square(grad)
-    return beta2 * prev + (1.0 - beta2) * ops.square(grad)
+        return prev + keep(ops.square(grad))
+    return keep(beta2 * prev) + keep((1.0 - beta2) * ops.square(grad))
+
+
+def _rounded(product):
+    """`product` itself (it is >= 0 or NaN), rounded before any addition.
+
+    Otherwise a compiler may fuse the product and the addition that follows
+    into one fused multiply-add, which rounds once instead of twice. XLA:CPU
+    did so in some of a step's loops and not in others, so the row and the
+    column passes over the same `nu` could round it differently in its last
+    bit: the accumulators' maxima then disagreed (in a quarter of the steps
+    on a 4 x 7 matrix) and an accumulator could shrink by one unit in the
+    last place on a zero gradient. `maximum(x, 0)` keeps `x` (NaN stays NaN)
+    and leaves no multiply for the addition to fuse with; `abs` would not do
+    (LLVM drops `abs(g * g)` and fuses again).
+    """
+    return ops.maximum(product, 0.0)
 
 
 def preconditioned(grad, nu, epsilon):
@@ -293,8 +319,16 @@ def dense_step(grad, accumulators, beta2, epsilon, blocks=1,
     g = ops.reshape(grad, (rows, cols))
     row_prev = ops.reshape(min_of_accumulators(accumulators[:split]), (rows, 1))
     col_prev = ops.reshape(min_of_accumulators(accumulators[split:]), (1, cols))
-    nu = second_moment(ops.minimum(row_prev, col_prev), g, beta2)
+    prev = ops.minimum(row_prev, col_prev)
+    # The row and the column passes must round `nu` alike, or their maxima
+    # may differ in the last bit (`_rounded`). A small tensor's `nu` is
+    # computed once for the passes and the update; folded, each pass
+    # computes it in a loop of its own, and the update keeps the form a
+    # compiler may fuse (measured: docs/performance.md).
+    nu = second_moment(prev, g, beta2, rounded_products=True)
+    nu_of_update = (second_moment(prev, g, beta2)
+                    if _folds(shape, blocks) else nu)
     return (
-        ops.reshape(preconditioned(g, nu, epsilon), shape),
+        ops.reshape(preconditioned(g, nu_of_update, epsilon), shape),
         _maxima_of_matrix(nu, shape, split, blocks, split_fold_reductions),
     )

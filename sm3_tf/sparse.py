@@ -113,7 +113,9 @@ def sparse_step(optimizer, gradient, variable, accumulators, momentum,
         prev = rule.min_of_accumulators(
             [tf.convert_to_tensor(a) for a in accs], leading=touched
         )
-        nu = prev + tf.square(grad)
+        # Products rounded as in the dense rule, so that the passes over
+        # `nu` agree to the bit (`rule._rounded`).
+        nu = rule.second_moment(prev, grad, 1.0, rounded_products=True)
         maxima = rule.max_over_all_axes_but_each(nu)
         accs[0].scatter_max(tf.IndexedSlices(maxima[0], indices))
         for acc, touched_max in zip(accs[1:], maxima[1:]):
