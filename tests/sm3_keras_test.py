@@ -384,6 +384,10 @@ def _grappler_ancestors(graph, fetches):
     return [ancestors(op.name) for op in fetches]
 
 
+@pytest.mark.skipif(
+    bool(tf.config.list_logical_devices("GPU")),
+    reason="the updates wait for the gradients only where TensorFlow sees "
+    "no GPU (tf_compile.wait_for_all_gradients)")
 def test_compiled_updates_wait_for_every_gradient_in_a_traced_step():
     # Started in the middle of backpropagation, the compiled updates slowed
     # a training step down (docs/performance.md): each update waits for all
