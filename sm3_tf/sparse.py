@@ -106,7 +106,7 @@ def sparse_step(optimizer, gradient, variable, accumulators, momentum,
         first = None
 
     if rank == 1:
-        nu = tf.gather(accs[0], indices) + tf.square(grad)
+        nu = rule.second_moment(tf.gather(accs[0], indices), grad, 1.0)
         accs[0].scatter_max(tf.IndexedSlices(nu, indices))
     else:
         touched = tf.gather(accs[0], indices)

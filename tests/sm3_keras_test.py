@@ -315,17 +315,21 @@ def test_rule_is_traced_into_an_enclosing_xla_program():
     assert seen == {"compiled": True, "plain": False}
 
 
-def _ancestors(op):
-    """Every op that `op` waits for, through data or control edges."""
-    seen, todo = set(), [op]
+def _reachable(start, parents):
+    """Everything `start` waits for, following `parents(node)` back."""
+    seen, todo = set(), [start]
     while todo:
-        current = todo.pop()
-        for parent in [t.op for t in current.inputs] + list(
-                current.control_inputs):
+        for parent in parents(todo.pop()):
             if parent not in seen:
                 seen.add(parent)
                 todo.append(parent)
     return seen
+
+
+def _ancestors(op):
+    """Every op that `op` waits for, through data or control edges."""
+    return _reachable(op, lambda current: [t.op for t in current.inputs]
+                      + list(current.control_inputs))
 
 
 def _compiled_update_launches(graph):
@@ -371,17 +375,10 @@ def _grappler_ancestors(graph, fetches):
     nodes = {node.name: node for node in tf_optimizer.OptimizeGraph(
         config_pb2.ConfigProto(), meta_graph).node}
 
-    def ancestors(name):
-        seen, todo = set(), [name]
-        while todo:
-            for parent in nodes[todo.pop()].input:
-                parent = parent.lstrip("^").split(":")[0]
-                if parent not in seen:
-                    seen.add(parent)
-                    todo.append(parent)
-        return seen
+    def parents(name):  # "^op" is a control input, "op:1" an output
+        return [edge.lstrip("^").split(":")[0] for edge in nodes[name].input]
 
-    return [ancestors(op.name) for op in fetches]
+    return [_reachable(op.name, parents) for op in fetches]
 
 
 @pytest.mark.skipif(
