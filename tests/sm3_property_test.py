@@ -156,6 +156,18 @@ def test_fold_runs_folds_the_pieces_of_each_run():
             axis=(1, 2)), scrambled.max(axis=1))
 
 
+def test_row_pass_covers_the_columns_past_the_last_whole_run():
+    # 2 runs of 3 pieces of width 2 (12 columns) and 5 columns more, where
+    # every row's maximum lies: the last run is moved back to overlap.
+    x = np.arange(4 * 17, dtype=np.float32).reshape(4, 17) % 12
+    x[:, 12:] += 100 + np.arange(4 * 5, dtype=np.float32).reshape(4, 5)
+    with _fold_every_size(), mock.patch.object(rule, "ROW_RUN_WIDTH", 2):
+        row_max, col_max = rule.max_over_all_axes_but_each(
+            tf.constant(x), blocks=3)
+    np.testing.assert_array_equal(np.asarray(row_max), x.max(axis=1))
+    np.testing.assert_array_equal(np.asarray(col_max), x.max(axis=0))
+
+
 def test_fold_max_covers_the_axis_with_overlapping_slices():
     x = np.arange(17 * 3, dtype=np.float32).reshape(17, 3)
     folded = np.asarray(rule.fold_max(tf.constant(x), 0, 8))
@@ -208,7 +220,9 @@ def test_optimizer_with_folded_reductions_matches_numpy_reference(p):
 
 
 def test_a_variable_above_the_fold_threshold_matches_numpy_reference():
-    shape = (300, 250)  # 75,000 entries >= rule.FOLD_MIN_SIZE
+    # 300,000 entries >= rule.FOLD_MIN_SIZE; 500 columns are 3 runs of
+    # 8 x 16 and 116 more (rule._row_maxima_folded).
+    shape = (600, 500)
     assert np.prod(shape) >= rule.FOLD_MIN_SIZE
     rng = np.random.default_rng(7)
     init = rng.normal(size=shape).astype(np.float32)
