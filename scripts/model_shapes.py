@@ -48,6 +48,11 @@ def transformer_base():
     return transformer(d=512, ff=2048, layers=6, vocab=32000)
 
 
+def transformer_small():
+    """The variables of `bench_step.py --fit`'s Transformer (d 256)."""
+    return transformer(d=256, ff=1024, layers=2, vocab=8000)
+
+
 def bert_large(d=1024, ff=4096, layers=24, vocab=30522, positions=512):
     shapes = [("embeddings/word_embeddings", (vocab, d)),
               ("embeddings/position_embeddings", (positions, d)),
@@ -76,6 +81,7 @@ MODELS = {
     "resnet50": resnet50,
     "transformer_big": transformer_big,
     "transformer_base": transformer_base,
+    "transformer_small": transformer_small,
     "bert_large": bert_large,
     "mlp": mlp,
 }
