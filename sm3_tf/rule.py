@@ -299,11 +299,12 @@ def _rounded(product):
 def preconditioned(grad, nu, epsilon):
     """`g / sqrt(nu + epsilon)`, and 0 where `nu == 0` so that epsilon may be 0."""
     # Where nu == 0 with epsilon == 0 the division gives inf or NaN, in the
-    # branch `where` does not take: one select suffices. A division by the
-    # square root rounds once less than `g * rsqrt(...)` (which XLA
-    # computes as g * (1 / sqrt)) and is how the reference writes it; the
-    # two selects and rsqrt took 5-12% longer under XLA:CPU
-    # (docs/performance.md). A scalar fill value, not `zeros_like`: with
+    # branch `where` does not take: one select suffices (a second one, to
+    # keep that branch finite, cost XLA:CPU 5-10% of the update;
+    # docs/performance.md). `g / sqrt` is the reference's form; XLA
+    # rewrites it to `g * rsqrt`, as this was written before, so compiled
+    # steps compute the same numbers as then. A scalar fill value, not
+    # `zeros_like`: with
     # full-size fills, compiling a TensorFlow step with XLA left about 15
     # bytes per parameter more resident (ResNet-50; docs/memory.md).
     return ops.where(nu > 0, grad / ops.sqrt(nu + epsilon), 0.0)
