@@ -151,7 +151,7 @@ def _row_maxima_folded(matrix, blocks, split_fold_reductions):
         # The columns past the last whole run: one more run, moved back to
         # end at `cols`, so it overlaps the run before it (`max` is
         # idempotent). Folding the rows by slices instead read each row in
-        # `blocks` places at once: 2048 x 1000 kernels stepped 1.2-1.4x as
+        # `blocks` places at once: 2048 x 1000 kernels stepped 1.1-1.3x as
         # long (docs/performance.md).
         last = ops.slice(matrix, (0, cols - run), (rows, run))
         maxima = ops.maximum(
@@ -304,9 +304,9 @@ def preconditioned(grad, nu, epsilon):
     # docs/performance.md). `g / sqrt` is the reference's form; XLA
     # rewrites it to `g * rsqrt`, as this was written before, so compiled
     # steps compute the same numbers as then. A scalar fill value, not
-    # `zeros_like`: with
-    # full-size fills, compiling a TensorFlow step with XLA left about 15
-    # bytes per parameter more resident (ResNet-50; docs/memory.md).
+    # `zeros_like`: with full-size fills, compiling a TensorFlow step with
+    # XLA left about 15 bytes per parameter more resident (ResNet-50;
+    # docs/memory.md).
     return ops.where(nu > 0, grad / ops.sqrt(nu + epsilon), 0.0)
 
 
