@@ -300,7 +300,7 @@ def preconditioned(grad, nu, epsilon):
     """`g / sqrt(nu + epsilon)`, and 0 where `nu == 0` so that epsilon may be 0."""
     # Where nu == 0 with epsilon == 0 the division gives inf or NaN, in the
     # branch `where` does not take: one select suffices (a second one, to
-    # keep that branch finite, cost XLA:CPU 5-10% of the update;
+    # keep that branch finite, cost XLA:CPU 4-10% of the update;
     # docs/performance.md). `g / sqrt` is the reference's form; XLA
     # rewrites it to `g * rsqrt`, as this was written before, so compiled
     # steps compute the same numbers as then. A scalar fill value, not
