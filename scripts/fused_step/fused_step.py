@@ -12,8 +12,7 @@ pass (AVX-512, OpenMP). Two measurements, medians of interleaved rounds:
       # optimizers and sm3_tf.SM3 in the same process
 
 Needs g++ with OpenMP and a CPU with AVX-512F. `--xla` compiles against
-TensorFlow's headers; its in-place variant writes buffers XLA was not told
-about (see xla_call.cc): a measurement, not something to train with.
+TensorFlow's headers and registers the kernel with XLA:CPU in this process.
 """
 
 import argparse
@@ -30,6 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository
 
 import model_shapes  # noqa: E402
 
+# "matrices": one kernel call per matrix, vectors as sm3_tf does them;
+# "all": vectors through a kernel call too.
+MODES = ("matrices", "all")
 CXXFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno",
             "-fopenmp",
             "-std=c++17"]
@@ -83,28 +85,77 @@ def run_xla(models, rounds, build, check=True):
     import sm3_tf
     from sm3_tf import rule
 
-    library = os.path.join(build, "xla_call.so")
+    library = os.path.join(build, "xla_ffi.so")
     tf_dir = os.path.dirname(tf.__file__)
     compile_cpp([*CXXFLAGS, "-shared", "-fPIC",
                  *tf.sysconfig.get_compile_flags(), "-o", library,
-                 os.path.join(HERE, "xla_call.cc"), f"-L{tf_dir}",
+                 os.path.join(HERE, "xla_ffi.cc"), f"-L{tf_dir}",
                  "-l:libtensorflow_cc.so.2", "-l:libtensorflow_framework.so.2"],
-                "xla_call.cc")
-    ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)  # registers the targets
+                "xla_ffi.cc")
+    ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)  # registers the handlers
+
+    def ffi_call(target, operands, result_shapes, aliases, **attributes):
+        """`operands` through the FFI handler `target`, results written over
+        the operands that `aliases` (result index: operand index) names."""
+        def tensor_type(shape):
+            return "tensor<" + "".join(f"{d}x" for d in shape) + "f32>"
+
+        operand_types = [tensor_type(x.shape) for x in operands]
+        result_types = ", ".join(tensor_type(x) for x in result_shapes)
+        n = len(result_shapes)
+        module = (
+            f"module @{target} {{\n  func.func public @main("
+            + ", ".join(f"%a{i}: {t}" for i, t in enumerate(operand_types))
+            + f") -> ({result_types}) {{\n    %0:{n} = stablehlo.custom_call "
+            f"@{target}("
+            + ", ".join(f"%a{i}" for i in range(len(operands)))
+            + ") {api_version = 4 : i32, backend_config = {"
+            + ", ".join(f"{k} = {v:.9e} : f32" for k, v in attributes.items())
+            + "}, output_operand_aliases = ["
+            + ", ".join(
+                "#stablehlo.output_operand_alias<output_tuple_indices = "
+                f"[{r}], operand_index = {o}, operand_tuple_indices = []>"
+                for r, o in aliases.items())
+            + f"]}} : ({', '.join(operand_types)}) -> ({result_types})\n"
+            "    return " + ", ".join(f"%0#{i}" for i in range(n))
+            + f" : {result_types}\n  }}\n}}\n")
+        return xla.call_module(
+            operands, version=xla.call_module_maximum_supported_version(),
+            module=module.encode(), Tout=[tf.float32] * n, Sout=result_shapes,
+            platforms=("CPU",))
 
     class FusedSM3(sm3_tf.SM3):
-        """SM3 whose matrices take one custom call each (vectors as before)."""
+        """SM3 whose matrices (and, with `vectors`, vectors too) take one
+        kernel call each, updating their variables in place."""
 
-        def __init__(self, in_place, **kwargs):
+        def __init__(self, vectors, **kwargs):
             super().__init__(**kwargs)
-            self.in_place = in_place
+            self.vectors = vectors
 
         def _dense_update(self, gradient, variable, accumulators, momentum,
                           learning_rate):
             shape = tuple(variable.shape)
-            if len(shape) < 2:
-                return super()._dense_update(gradient, variable, accumulators,
-                                             momentum, learning_rate)
+            lr = tf.cast(learning_rate, tf.float32)
+            m = [] if momentum is None else [tf.convert_to_tensor(momentum)]
+            attributes = dict(mu=self.momentum, eps=self.epsilon)
+            if len(shape) <= 1:
+                if not self.vectors:
+                    return super()._dense_update(
+                        gradient, variable, accumulators, momentum,
+                        learning_rate)
+                n = max(1, int(np.prod(shape)))
+                flat = [tf.reshape(x, [n]) for x in
+                        [gradient, tf.convert_to_tensor(variable),
+                         tf.convert_to_tensor(accumulators[0])] + m]
+                results = ffi_call(
+                    "sm3_vector", flat[:3] + [lr] + flat[3:],
+                    [(n,)] * (2 + len(m)),
+                    {0: 1, 1: 2, **({2: 4} if m else {})}, **attributes)
+                self.assign(accumulators[0], tf.reshape(results[1], shape))
+                self.assign(variable, tf.reshape(results[0], shape))
+                if m:
+                    self.assign(momentum, tf.reshape(results[2], shape))
+                return
             split = rule.split_axes(shape)
             rows, cols = rule.matrix_shape(shape, split)
             accs = [tf.convert_to_tensor(a) for a in accumulators]
@@ -113,44 +164,30 @@ def run_xla(models, rounds, build, check=True):
                 tf.reshape(tf.convert_to_tensor(variable), [rows, cols]),
                 tf.reshape(rule.min_of_accumulators(accs[:split]), [rows]),
                 tf.reshape(rule.min_of_accumulators(accs[split:]), [cols]),
-                tf.cast(learning_rate, tf.float32)]
-            matrix = tf.TensorSpec([rows, cols], tf.float32)
-            specs = [tf.TensorSpec([rows], tf.float32),
-                     tf.TensorSpec([cols], tf.float32)]
-            if not self.in_place:
-                specs.insert(0, matrix)
-            if momentum is not None:
-                operands.append(tf.reshape(tf.convert_to_tensor(momentum),
-                                           [rows, cols]))
-                if not self.in_place:
-                    specs.append(matrix)
-            results = xla.custom_call_v2(
-                "sm3_fused_step_" + ("in_place" if self.in_place else "copy"),
-                operands, specs,
-                backend_config=(f"{rows} {cols} {int(momentum is not None)} "
-                                f"{self.momentum} {self.epsilon}"))
-            first = 0 if self.in_place else 1
+                lr] + [tf.reshape(x, [rows, cols]) for x in m]
+            results = ffi_call(
+                "sm3_matrix", operands,
+                [(rows, cols), (rows,), (cols,)] + [(rows, cols)] * len(m),
+                {0: 1, **({3: 5} if m else {})}, **attributes)
             maxima = (
                 rule._max_over_each_axis(
-                    tf.reshape(results[first], shape[:split]))
+                    tf.reshape(results[1], shape[:split]))
                 + rule._max_over_each_axis(
-                    tf.reshape(results[first + 1], shape[split:])))
+                    tf.reshape(results[2], shape[split:])))
             for acc, value in zip(accumulators, maxima):
                 self.assign(acc, value)
-            if not self.in_place:
-                self.assign(variable, tf.reshape(results[0], shape))
-                if momentum is not None:
-                    self.assign(momentum, tf.reshape(results[3], shape))
+            self.assign(variable, tf.reshape(results[0], shape))
+            if m:
+                self.assign(momentum, tf.reshape(results[3], shape))
 
     lr = 1e-4
     builders = {name: bench_step.OPTIMIZERS[name] for name in
                 ("sgd", "sgd_momentum", "adam", "sm3", "sm3_no_momentum")}
-    for in_place in (True, False):
+    for mode in MODES:
         for momentum in (0.9, 0.0):
-            name = (f"fused{'' if in_place else ' copy'}"
-                    f"{' m0' if momentum == 0 else ''}")
-            builders[name] = (lambda in_place=in_place, momentum=momentum:
-                              FusedSM3(in_place, learning_rate=lr,
+            name = f"{mode}{' m0' if momentum == 0 else ''}"
+            builders[name] = (lambda mode=mode, momentum=momentum:
+                              FusedSM3(mode == "all", learning_rate=lr,
                                        momentum=momentum))
 
     for model in models:
@@ -158,11 +195,12 @@ def run_xla(models, rounds, build, check=True):
         print(f"\n== {model}: {len(shapes)} variables, XLA", flush=True)
         # The custom call computes what SM3 computes: 3 steps of each.
         for momentum in ((0.9, 0.0) if check else ()):
-            for in_place in (True, False):
+            for mode in MODES:
                 v1, grads = bench_step.make_problem(shapes)
                 v2, _ = bench_step.make_problem(shapes)
                 o1 = sm3_tf.SM3(lr, momentum=momentum)
-                o2 = FusedSM3(in_place, learning_rate=lr, momentum=momentum)
+                o2 = FusedSM3(mode == "all", learning_rate=lr,
+                              momentum=momentum)
                 s1 = bench_step.step_function(o1, v1, grads, True)
                 s2 = bench_step.step_function(o2, v2, grads, True)
                 for _ in range(3):
@@ -173,7 +211,7 @@ def run_xla(models, rounds, build, check=True):
                 ds = max(float(np.max(np.abs(a.numpy() - b.numpy())))
                          for a, b in zip(o1.variables, o2.variables))
                 print(f"  3 steps, momentum {momentum}, "
-                      f"{'in place' if in_place else 'copy'}: largest "
+                      f"{mode}: largest "
                       f"difference from sm3_tf.SM3 in the variables {dw:.2g}, "
                       f"in the optimizer's state {ds:.2g}", flush=True)
                 del v1, v2, grads, o1, o2, s1, s2  # Transformer-Big: 0.8 GB each
@@ -186,10 +224,11 @@ def run_xla(models, rounds, build, check=True):
             steps[name]().numpy()
         med = harness.time_interleaved(steps, rounds, bench_step._wait)
         harness.print_medians(f"{model}, XLA: median step time (ms)", med)
-        for a, b in (("sm3", "sgd_momentum"), ("fused", "sgd_momentum"),
-                     ("fused", "adam"), ("fused copy", "sgd_momentum"),
-                     ("sm3_no_momentum", "sgd"), ("fused m0", "sgd"),
-                     ("fused copy m0", "sgd")):
+        for a, b in (("sm3", "sgd_momentum"), ("sm3", "adam"),
+                     ("sm3_no_momentum", "sgd"),
+                     *[(f"{mode}{m0}", base) for mode in MODES
+                       for m0, base in (("", "sgd_momentum"), ("", "adam"),
+                                        (" m0", "sgd"))]):
             print(f"  {a} / {b}: {med[a] / med[b]:.2f}")
 
 

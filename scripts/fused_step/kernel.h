@@ -72,6 +72,12 @@ inline float Sm3Row(const Sm3Args& a, long i, float* col_max) {
   return _mm512_reduce_max_ps(row_max);
 }
 
+// Rows [begin, end): their maxima into row_out, the column maxima folded
+// into `col_max` (one buffer per thread).
+inline void Sm3Rows(const Sm3Args& a, long begin, long end, float* col_max) {
+  for (long i = begin; i < end; ++i) a.row_out[i] = Sm3Row(a, i, col_max);
+}
+
 // The whole matrix on all OpenMP threads: rows split statically, one
 // column-maxima buffer per thread, merged at the end.
 inline void Sm3Step(const Sm3Args& a) {
@@ -79,14 +85,39 @@ inline void Sm3Step(const Sm3Args& a) {
   std::vector<float> col_max(static_cast<size_t>(threads) * a.cols, 0.f);
 #pragma omp parallel num_threads(threads)
   {
-    float* mine = col_max.data() + static_cast<size_t>(omp_get_thread_num()) * a.cols;
-#pragma omp for schedule(static)
-    for (long i = 0; i < a.rows; ++i) a.row_out[i] = Sm3Row(a, i, mine);
+    const int t = omp_get_thread_num();
+    const long per = (a.rows + threads - 1) / threads;
+    Sm3Rows(a, std::min(a.rows, t * per), std::min(a.rows, (t + 1) * per),
+            col_max.data() + static_cast<size_t>(t) * a.cols);
   }
   for (long j = 0; j < a.cols; ++j) {
     float x = 0.f;
     for (int t = 0; t < threads; ++t) x = std::max(x, col_max[static_cast<size_t>(t) * a.cols + j]);
     a.col_out[j] = x;
+  }
+}
+
+// A vector (rank <= 1): its accumulator is full-size, nu = acc + g * g
+// (Adagrad's step); entries [begin, end).
+inline void Sm3VectorRange(long begin, long end, const float* g, const float* acc,
+                           float* acc_out, const float* w, float* w_out,
+                           const float* m, float* m_out, float lr, float mu, float eps) {
+  const __m512 zero = _mm512_setzero_ps(), veps = _mm512_set1_ps(eps),
+               vlr = _mm512_set1_ps(lr), vmu = _mm512_set1_ps(mu),
+               one_minus_mu = _mm512_set1_ps(1.f - mu);
+  for (long j = begin; j < end; j += 16) {
+    const __mmask16 k = end - j >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                      : static_cast<__mmask16>((1u << (end - j)) - 1);
+    const __m512 vg = _mm512_maskz_loadu_ps(k, g + j);
+    const __m512 nu = _mm512_add_ps(_mm512_maskz_loadu_ps(k, acc + j), _mm512_mul_ps(vg, vg));
+    _mm512_mask_storeu_ps(acc_out + j, k, nu);
+    const __mmask16 positive = _mm512_cmp_ps_mask(nu, zero, _CMP_GT_OQ);
+    __m512 u = _mm512_maskz_div_ps(positive, vg, _mm512_sqrt_ps(_mm512_add_ps(nu, veps)));
+    if (m) {
+      u = _mm512_fmadd_ps(vmu, _mm512_maskz_loadu_ps(k, m + j), _mm512_mul_ps(one_minus_mu, u));
+      _mm512_mask_storeu_ps(m_out + j, k, u);
+    }
+    _mm512_mask_storeu_ps(w_out + j, k, _mm512_fnmadd_ps(vlr, u, _mm512_maskz_loadu_ps(k, w + j)));
   }
 }
 
