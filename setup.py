@@ -44,6 +44,8 @@ setup(
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["sm3_tf", "sm3_tf.*"]),
+    # The CPU kernel's source, built at first use (sm3_tf/cpu_kernel.py).
+    package_data={"sm3_tf": ["native/*.h", "native/*.cc"]},
     python_requires=">=3.10",
     install_requires=CORE + TF_CPU,
     extras_require={

@@ -25,6 +25,11 @@ def build_optimizer(name, learning_rate=1e-4):
         "adafactor": lambda: keras.optimizers.Adafactor(learning_rate),
         "sm3": lambda: sm3_tf.SM3(learning_rate, momentum=0.9),
         "sm3_no_momentum": lambda: sm3_tf.SM3(learning_rate, momentum=0.0),
+        # TensorFlow only: the hand-written CPU pass (sm3_tf.cpu_kernel).
+        "sm3_kernel": lambda: sm3_tf.SM3(learning_rate, momentum=0.9,
+                                         cpu_kernel=True),
+        "sm3_kernel_no_momentum": lambda: sm3_tf.SM3(
+            learning_rate, momentum=0.0, cpu_kernel=True),
     }
     if name not in builders:
         raise ValueError(f"unknown optimizer {name!r}; known: "
@@ -34,6 +39,7 @@ def build_optimizer(name, learning_rate=1e-4):
 
 OPTIMIZER_NAMES = ("sgd", "sgd_momentum", "adagrad", "adam", "adafactor",
                    "sm3", "sm3_no_momentum")
+TENSORFLOW_ONLY_NAMES = ("sm3_kernel", "sm3_kernel_no_momentum")
 
 
 def draw_problem(shapes, seed=0):
@@ -83,10 +89,12 @@ def time_interleaved(steps, rounds, wait, warmup=2):
 
 # The targets: under a whole-step XLA program, and without XLA.
 TARGETS = {
-    True: [("sm3", "sgd_momentum", 1.25), ("sm3", "adam", 0.85),
-           ("sm3_no_momentum", "sgd", 1.5), ("sm3", "adafactor", None)],
-    False: [("sm3", "sgd_momentum", 1.5), ("sm3", "adam", 0.85),
-            ("sm3_no_momentum", "sgd", None), ("sm3", "adafactor", None)],
+    True: [target for sm3 in ("sm3", "sm3_kernel") for target in [
+        (sm3, "sgd_momentum", 1.25), (sm3, "adam", 0.85),
+        (f"{sm3}_no_momentum", "sgd", 1.5), (sm3, "adafactor", None)]],
+    False: [target for sm3 in ("sm3", "sm3_kernel") for target in [
+        (sm3, "sgd_momentum", 1.5), (sm3, "adam", 0.85),
+        (f"{sm3}_no_momentum", "sgd", None), (sm3, "adafactor", None)]],
 }
 
 

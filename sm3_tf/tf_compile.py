@@ -77,18 +77,37 @@ def wait_for_all_gradients(optimizer, gradients):
     object.__setattr__(optimizer, "_sm3_gradients_ready", ready)
 
 
+def _update_in_xla(optimizer, gradient, variable, accumulators, momentum,
+                   learning_rate):
+    """The dense step traced into an XLA program: the CPU kernel where
+    `SM3(cpu_kernel=True)` asks for it and it applies, else the rule."""
+    if optimizer.cpu_kernel:
+        from sm3_tf import cpu_kernel
+
+        if cpu_kernel.applies(optimizer, gradient, variable):
+            cpu_kernel.dense_update(optimizer, gradient, variable,
+                                    accumulators, momentum, learning_rate)
+            return
+    optimizer._dense_update(gradient, variable, accumulators, momentum,
+                            learning_rate)
+
+
 def dense_update(optimizer, gradient, variable, accumulators, momentum,
                  learning_rate):
     """`optimizer._dense_update(...)`, compiled with XLA where it can be."""
-    if in_xla_program() or not _single_replica():
+    if in_xla_program():
+        _update_in_xla(optimizer, gradient, variable, accumulators, momentum,
+                       learning_rate)
+        return
+    if not _single_replica():
         optimizer._dense_update(gradient, variable, accumulators, momentum,
                                 learning_rate)
         return
     compiled = getattr(optimizer, "_sm3_compiled_dense_update", None)
     if compiled is None:
         def update(gradient, variable, accumulators, momentum, learning_rate):
-            optimizer._dense_update(gradient, variable, accumulators,
-                                    momentum, learning_rate)
+            _update_in_xla(optimizer, gradient, variable, accumulators,
+                           momentum, learning_rate)
             return tf.constant(0)
 
         compiled = tf.function(update, jit_compile=True, autograph=False)

@@ -81,6 +81,11 @@ def main():
               "split_fold_reductions":
                   sm3_optimizer._split_fold_reductions(),
               "losses": history.history["loss"]}
+    try:  # the CPU kernel is TensorFlow's: elsewhere a clear error
+        SM3(cpu_kernel=True)
+        result["cpu_kernel_error"] = None
+    except ValueError as e:
+        result["cpu_kernel_error"] = str(e)
     if keras.backend.backend() == "jax":
         result["step_temp_fraction"] = jax_step_temp_fraction()
     print(json.dumps(result))

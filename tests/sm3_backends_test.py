@@ -39,6 +39,8 @@ def test_dense_rule_and_fit_on_backend(backend, module, blocks,
     assert result["max_diff"] < 1e-5
     assert result["blocks"] == blocks
     assert result["split_fold_reductions"] == split_folds
+    assert "cpu_kernel" in result["cpu_kernel_error"]
+    assert backend in result["cpu_kernel_error"]
     if backend == "jax":
         # The folds stay in XLA's own loop: the step's temporaries are the
         # two folded tensors (1/8 of the matrix each). Reduced whole,

@@ -121,6 +121,7 @@ def test_zero_size_variable_is_left_alone():
         ({"beta2": 1.5}, "beta2"),
         ({"epsilon": -1e-8}, "epsilon"),
         ({"momentum": "0.9"}, "momentum"),
+        ({"cpu_kernel": "yes"}, "cpu_kernel"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_range(kwargs, needle):
@@ -149,7 +150,7 @@ def test_config_round_trip_keeps_every_argument():
               weight_decay=0.01, clipnorm=1.0, use_ema=True,
               ema_momentum=0.9, ema_overwrite_frequency=3,
               loss_scale_factor=2.0, gradient_accumulation_steps=2,
-              name="my_sm3")
+              cpu_kernel=True, name="my_sm3")
     config = opt.get_config()
     serialized = json.dumps(keras.optimizers.serialize(opt))
     assert json.loads(serialized)["registered_name"] == "sm3_tf>SM3"
@@ -166,7 +167,8 @@ def test_config_round_trip_keeps_every_argument():
                           if k != "learning_rate"}
     for key in ("momentum", "beta2", "epsilon", "weight_decay", "clipnorm",
                 "use_ema", "ema_momentum", "ema_overwrite_frequency",
-                "loss_scale_factor", "gradient_accumulation_steps", "name"):
+                "loss_scale_factor", "gradient_accumulation_steps",
+                "cpu_kernel", "name"):
         assert config[key] == getattr(opt, key), key
         assert getattr(restored, key) == getattr(opt, key), key
     assert (restored.momentum, restored.beta2, restored.epsilon) == (
@@ -179,6 +181,7 @@ def test_defaults_are_the_spec_defaults():
     assert config["momentum"] == 0.9
     assert config["beta2"] == 1.0
     assert config["epsilon"] == 1e-30
+    assert config["cpu_kernel"] is False
     assert config["name"] == "sm3"
 
 

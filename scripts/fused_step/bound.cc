@@ -1,15 +1,64 @@
-// The single-pass SM3 kernel against SGD, SGD with momentum and Adam written
-// the same way (one loop per tensor, all OpenMP threads), over a model's
-// variables. Driven by fused_step.py; reads "rows cols" lines (cols 0: a
-// vector) from the file named by argv[1]; argv[2] rounds.
+// sm3_tf's single-pass CPU kernel (sm3_tf/native/sm3_kernel.h) alone,
+// against SGD, SGD with momentum and Adam written the same way (one loop per
+// tensor, all OpenMP threads), over a model's variables: what the kernel
+// costs outside XLA. Driven by fused_step.py; reads "rows cols" lines (cols
+// 0: a vector) from the file named by argv[1]; argv[2] rounds. Checks the
+// kernel bit for bit against a scalar loop of the rule first.
+#include <omp.h>
+
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <vector>
 
-#include "kernel.h"
+#include "../../sm3_tf/native/sm3_kernel.h"  // the kernel sm3_tf runs
 
 namespace {
+
+// The whole matrix on all OpenMP threads: rows split statically, one
+// column-maxima buffer per thread, merged at the end.
+inline void Sm3Step(const Sm3Args& a) {
+  const int threads = omp_get_max_threads();
+  std::vector<float> col_max(static_cast<size_t>(threads) * a.cols, 0.f);
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num();
+    const long per = (a.rows + threads - 1) / threads;
+    Sm3Rows(a, std::min(a.rows, t * per), std::min(a.rows, (t + 1) * per),
+            col_max.data() + static_cast<size_t>(t) * a.cols);
+  }
+  for (long j = 0; j < a.cols; ++j) {
+    float x = 0.f;
+    for (int t = 0; t < threads; ++t) x = std::max(x, col_max[static_cast<size_t>(t) * a.cols + j]);
+    a.col_out[j] = x;
+  }
+}
+
+// The same rule entry by entry, for the check: plain scalar C++.
+inline void Sm3StepScalar(const Sm3Args& a) {
+  std::fill(a.col_out, a.col_out + a.cols, 0.f);
+  for (long i = 0; i < a.rows; ++i) {
+    float row_max = 0.f;
+    for (long j = 0; j < a.cols; ++j) {
+      const long k = i * a.cols + j;
+      const float sq = a.g[k] * a.g[k];
+      const float nu = std::min(a.row_prev[i], a.col_prev[j]) + sq;
+      row_max = std::max(row_max, nu);
+      a.col_out[j] = std::max(a.col_out[j], nu);
+      float u = nu > 0.f ? a.g[k] / std::sqrt(nu + a.eps) : 0.f;
+      if (a.m) {
+        u = std::fma(a.mu, a.m[k], (1.f - a.mu) * u);
+        a.m_out[k] = u;
+      }
+      a.w_out[k] = std::fma(-a.lr, u, a.w[k]);
+    }
+    a.row_out[i] = row_max;
+  }
+}
+
 
 const float kLr = 1e-4f, kMu = 0.9f, kEps = 0.f;
 

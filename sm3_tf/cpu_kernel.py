@@ -1,0 +1,222 @@
+"""SM3's dense step of a rank >= 2 variable as one hand-written pass (XLA:CPU).
+
+The rule's statistics are a maximum over every row and every column of
+`nu`. XLA:CPU reads the gradient three times for that (the update and one
+pass per reduction: it does not fuse a row and a column reduction with an
+elementwise loop), which keeps a compiled step at 1.5-2x SGD with momentum
+(docs/performance.md). `native/sm3_kernel.h` does the update and both maxima
+in one AVX-512 pass; `native/sm3_xla_cpu.cc` makes it an XLA FFI handler
+that runs on XLA's own threads, and `dense_update` calls it inside the
+compiled step through `XlaCallModule`, declaring that it writes the
+variable and the momentum in place.
+
+Opt in with `SM3(cpu_kernel=True)`. At first use the handler is compiled
+with the C++ compiler (`$CXX`, else `g++`) against TensorFlow's own headers
+into a cache (`$SM3_TF_CACHE`, else `~/.cache/sm3_tf`), then loaded. Where
+that cannot be done (no AVX-512F, no compiler, a GPU or TPU in the
+process), SM3 logs why once and takes its portable path; where the rule
+differs from what the kernel does (`beta2 < 1`, dtypes other than float32,
+vectors), that variable takes the portable path. Either way the numbers
+are SM3's: the kernel rounds as the NumPy reference does.
+"""
+
+import ctypes
+import hashlib
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import tensorflow as tf
+
+from sm3_tf import rule
+
+_NATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
+_SOURCES = ("sm3_kernel.h", "sm3_xla_cpu.cc")
+_TARGET = "sm3_tf_step"
+_NATIVE_VERSION = 2  # sm3_tf_native_version() of a current build
+_FLAGS = ("-O3", "-mavx512f", "-ffp-contract=off", "-fno-math-errno",
+          "-std=c++17", "-shared", "-fPIC")
+
+_lock = threading.Lock()
+_libraries = []
+_loaded = None  # None: not tried yet; True; or the reason it is unavailable
+_warned = False
+
+
+def unavailable_reason():
+    """None if the kernel is loaded (building it on first use), else why not."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            try:
+                _load()
+                _loaded = True
+            except _Unavailable as e:
+                _loaded = str(e)
+        return None if _loaded is True else _loaded
+
+
+class _Unavailable(Exception):
+    pass
+
+
+def _cpu_has_avx512f():
+    if platform.system() != "Linux" or platform.machine() not in (
+            "x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512f" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def _load():
+    if not _cpu_has_avx512f():
+        raise _Unavailable("this CPU has no AVX-512F (or is not x86-64 Linux)")
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise _Unavailable(
+            f"no C++ compiler ({os.environ.get('CXX', 'g++')!r}) on PATH")
+    tf_dir = os.path.dirname(tf.__file__)
+    if not os.path.isdir(os.path.join(tf_dir, "include", "xla", "ffi")):
+        raise _Unavailable(f"TensorFlow at {tf_dir} ships no XLA FFI headers")
+    compile_flags = tf.sysconfig.get_compile_flags()
+    link_flags = [f"-L{tf_dir}", "-l:libtensorflow_cc.so.2",
+                  "-l:libtensorflow_framework.so.2"]
+    key = hashlib.sha256()
+    for name in _SOURCES:
+        with open(os.path.join(_NATIVE, name), "rb") as f:
+            key.update(f.read())
+    key.update(" ".join([tf.__version__, compiler, *_FLAGS, *compile_flags,
+                         *link_flags]).encode())
+    cache = os.environ.get("SM3_TF_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "sm3_tf")
+    library = os.path.join(cache, f"sm3_xla_cpu-{key.hexdigest()[:16]}.so")
+    if not os.path.exists(library):
+        # Built beside its final name and renamed into place: processes
+        # that build at once (workers of one job) each load a whole file.
+        try:
+            os.makedirs(cache, exist_ok=True)
+            fd, partial = tempfile.mkstemp(suffix=".so", dir=cache)
+        except OSError as e:
+            raise _Unavailable(
+                f"cannot write the kernel's cache {cache} ({e}); set "
+                "SM3_TF_CACHE to a writable directory") from e
+        os.close(fd)
+        try:
+            result = subprocess.run(
+                [compiler, *_FLAGS, *compile_flags, "-o", partial,
+                 os.path.join(_NATIVE, "sm3_xla_cpu.cc"), *link_flags],
+                capture_output=True, text=True)
+            if result.returncode != 0:
+                raise _Unavailable(
+                    f"building {library} failed:\n{result.stderr[-2000:]}")
+            os.replace(partial, library)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    try:
+        # Loading registers the handler with XLA (a static initializer).
+        native = ctypes.CDLL(library)
+    except OSError as e:
+        raise _Unavailable(f"loading {library} failed: {e}") from e
+    if native.sm3_tf_native_version() != _NATIVE_VERSION:
+        raise _Unavailable(f"{library} is a stale build; delete it")
+    _libraries.append(native)  # kept for the life of the process
+
+
+def applies(optimizer, gradient, variable):
+    """Whether `variable`'s step, traced now, runs as the kernel."""
+    global _warned
+    shape = tuple(variable.shape)
+    if not (optimizer.cpu_kernel and optimizer.beta2 == 1.0
+            and len(shape) >= 2 and None not in shape and math.prod(shape) > 0
+            and variable.dtype == "float32" and gradient.dtype == tf.float32):
+        return False
+    reason = None
+    if (tf.config.list_logical_devices("GPU")
+            or tf.config.list_logical_devices("TPU")):
+        reason = "the process has a GPU or TPU (the kernel is for CPUs)"
+    else:
+        reason = unavailable_reason()
+    if reason is not None:
+        if not _warned:
+            _warned = True
+            logging.getLogger("sm3_tf").warning(
+                "SM3(cpu_kernel=True): the CPU kernel is unavailable, so SM3 "
+                "takes its portable path: %s", reason)
+        return False
+    return True
+
+
+def dense_update(optimizer, gradient, variable, accumulators, momentum,
+                 learning_rate):
+    """One SM3 step of a `variable` of rank >= 2, as the kernel, in XLA."""
+    shape = tuple(variable.shape)
+    lead = rule.split_axes(shape)
+    rows, cols = rule.matrix_shape(shape, lead)
+    has_momentum = momentum is not None
+    operands = [
+        tf.reshape(gradient, [rows, cols]),
+        tf.reshape(tf.convert_to_tensor(variable), [rows, cols]),
+        tf.cast(learning_rate, tf.float32),
+    ] + [tf.convert_to_tensor(a) for a in accumulators] + (
+        [tf.reshape(tf.convert_to_tensor(momentum), [rows, cols])]
+        if has_momentum else [])
+    results = _call(operands, shape, lead, has_momentum, optimizer.momentum,
+                    optimizer.epsilon)
+    for accumulator, value in zip(accumulators, results[1:1 + len(shape)]):
+        optimizer.assign(accumulator, value)
+    optimizer.assign(variable, tf.reshape(results[0], shape))
+    if has_momentum:
+        optimizer.assign(momentum, tf.reshape(results[-1], shape))
+
+
+def _call(operands, shape, lead, has_momentum, mu, epsilon):
+    """The handler on `operands` (g, w, lr, acc_0, ..., [m]) as a StableHLO
+    module: results (w', acc'_0, ...[, m']), each written over its operand."""
+    from tensorflow.compiler.tf2xla.python import xla
+
+    rank = len(shape)
+    rows, cols = rule.matrix_shape(shape, lead)
+    matrix = f"tensor<{rows}x{cols}xf32>"
+    vectors = [f"tensor<{d}xf32>" for d in shape]
+    momentum = [matrix] if has_momentum else []
+    operand_types = [matrix, matrix, "tensor<f32>"] + vectors + momentum
+    result_types = ", ".join([matrix] + vectors + momentum)
+    # Each result over its operand: the variable, every accumulator (the
+    # handler reads them all before it writes any) and the momentum.
+    aliases = [(0, 1)] + [(1 + a, 3 + a) for a in range(rank)] + (
+        [(rank + 1, rank + 3)] if has_momentum else [])
+    n = 1 + rank + has_momentum
+    module = (
+        "module @sm3_tf {\n  func.func public @main("
+        + ", ".join(f"%a{i}: {t}" for i, t in enumerate(operand_types))
+        + f") -> ({result_types}) {{\n    %0:{n} = stablehlo.custom_call "
+        f"@{_TARGET}("
+        + ", ".join(f"%a{i}" for i in range(len(operand_types)))
+        + f") {{api_version = 4 : i32, backend_config = {{rank = {rank} : "
+        f"i64, lead = {lead} : i64, mu = {mu:.9e} : f32, eps = "
+        f"{epsilon:.9e} : f32}}, output_operand_aliases = ["
+        + ", ".join(
+            "#stablehlo.output_operand_alias<output_tuple_indices = "
+            f"[{r}], operand_index = {o}, operand_tuple_indices = []>"
+            for r, o in aliases)
+        + f"]}} : ({', '.join(operand_types)}) -> ({result_types})\n"
+        "    return " + ", ".join(f"%0#{i}" for i in range(n))
+        + f" : {result_types}\n  }}\n}}\n")
+    shapes = [(rows, cols)] + [(d,) for d in shape] + (
+        [(rows, cols)] if has_momentum else [])
+    return xla.call_module(
+        operands, version=xla.call_module_maximum_supported_version(),
+        module=module.encode(), Tout=[tf.float32] * n, Sout=shapes,
+        platforms=("CPU",))

@@ -1,0 +1,207 @@
+// SM3's single-pass matrix step (sm3_kernel.h) as an XLA FFI handler for
+// XLA:CPU ("Host"), registered with the XLA inside TensorFlow when
+// sm3_tf.cpu_kernel loads this library. Typed FFI: a C ABI, no XLA C++
+// types cross it; work is shared with XLA's own intra-op thread pool.
+//
+//   sm3_tf_step: (g, w, lr, acc_0, ..., acc_{rank-1}[, m])
+//             -> (w', acc'_0, ..., acc'_{rank-1}[, m'])
+// for a variable of rank >= 2 seen as a (rows, cols) matrix: rows the
+// product of its first `lead` axes, cols of the rest (sm3_tf.rule's view);
+// acc_a has the length of axis a. Attributes: rank, lead (i64), mu, eps
+// (f32). sm3_tf declares every result over its operand
+// (output_operand_aliases): each entry of w and m is read before it is
+// written, and the accumulators are read whole before any is written.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "sm3_kernel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace xla::ffi {
+const XLA_FFI_Api* GetXlaFfiApi();  // exported by TensorFlow's library
+}
+
+namespace {
+
+namespace ffi = xla::ffi;
+using F32 = ffi::Buffer<ffi::F32>;
+using F32Out = ffi::ResultBuffer<ffi::F32>;
+
+// Runs body(chunk, slot) for every chunk in [0, chunks): the calling thread
+// and up to `slots - 1` pool tasks take chunks from one counter, and `slot`
+// numbers the threads that took any. The caller waits only for chunks
+// already taken, never for a task the pool has not started (its threads
+// may all be busy, running this very call): no deadlock. Returns how many
+// slots were used.
+template <typename Body>
+int ParallelChunks(ffi::ThreadPool& pool, long chunks, int slots, Body body) {
+  struct Shared {
+    std::atomic<long> next{0};
+    std::atomic<int> taken{0};
+    std::atomic<int> running{0};
+  };
+  auto shared = std::make_shared<Shared>();
+  auto work = [shared, chunks, slots, body]() {
+    shared->running.fetch_add(1);
+    long chunk = shared->next.fetch_add(1);
+    if (chunk < chunks) {
+      const int slot = shared->taken.fetch_add(1);  // < slots: one per thread
+      for (; chunk < chunks; chunk = shared->next.fetch_add(1)) body(chunk, slot);
+    }
+    shared->running.fetch_sub(1);
+  };
+  const long helpers = std::min<long>(slots - 1, chunks - 1);
+  for (long t = 0; t < helpers; ++t) {
+    auto task = work;  // the pool owns a copy; `shared` outlives a late start
+    pool.Schedule(std::move(task));
+  }
+  work();
+  while (shared->running.load() != 0) std::this_thread::yield();
+  return shared->taken.load();
+}
+
+// max(x, y), NaN where either is NaN (as XLA's max).
+inline float MaxKeepingNaN(float x, float y) {
+  if (std::isnan(x)) return x;
+  return std::isnan(y) || y > x ? y : x;
+}
+
+// Calls f(i, digits) for i = 0..n-1, with digits the row-major digits of i
+// in `dims` (an odometer: no division per entry).
+template <typename F>
+void ForEachIndex(const std::vector<long>& dims, long n, F f) {
+  std::vector<long> digits(dims.size(), 0);
+  for (long i = 0; i < n; ++i) {
+    f(i, digits);
+    for (long a = static_cast<long>(dims.size()) - 1; a >= 0; --a) {
+      if (++digits[a] < dims[a]) break;
+      digits[a] = 0;
+    }
+  }
+}
+
+// One group of axes (the row axes or the column axes), `dims` their sizes
+// and n their product: prev[i] = min over the group's accumulators of
+// acc_a[i_a], with i_0, i_1, ... the row-major digits of i.
+void MinOfAccumulators(const float* const* acc, const std::vector<long>& dims,
+                       long n, float* prev) {
+  if (dims.size() == 1) {
+    std::copy(acc[0], acc[0] + n, prev);
+    return;
+  }
+  ForEachIndex(dims, n, [&](long i, const std::vector<long>& digits) {
+    float x = acc[0][digits[0]];
+    for (size_t a = 1; a < dims.size(); ++a) x = std::min(x, acc[a][digits[a]]);
+    prev[i] = x;
+  });
+}
+
+// The converse: out_a[i_a] = max of maxima[i] over the i with digit i_a.
+void MaxOverEachAxis(const float* maxima, const std::vector<long>& dims, long n,
+                     float* const* out) {
+  if (dims.size() == 1) {
+    std::copy(maxima, maxima + n, out[0]);
+    return;
+  }
+  for (size_t a = 0; a < dims.size(); ++a) std::fill(out[a], out[a] + dims[a], 0.f);
+  ForEachIndex(dims, n, [&](long i, const std::vector<long>& digits) {
+    for (size_t a = 0; a < dims.size(); ++a) {
+      float& x = out[a][digits[a]];
+      x = MaxKeepingNaN(x, maxima[i]);
+    }
+  });
+}
+
+ffi::Error Step(ffi::ThreadPool pool, F32 g, F32 w, F32 lr, ffi::RemainingArgs args,
+                F32Out w_out, ffi::RemainingRets rets, int64_t rank, int64_t lead,
+                float mu, float eps) {
+  const long n = static_cast<long>(g.element_count());
+  const bool has_m = static_cast<long>(args.size()) == rank + 1;
+  if (rank < 2 || lead < 1 || lead >= rank ||
+      (!has_m && static_cast<long>(args.size()) != rank) || rets.size() != args.size())
+    return ffi::Error::InvalidArgument("sm3_tf_step: operands do not match rank and lead");
+  if (static_cast<long>(w.element_count()) != n || static_cast<long>(w_out->element_count()) != n)
+    return ffi::Error::InvalidArgument("sm3_tf_step: g, w and w' differ in size");
+  std::vector<const float*> acc(rank);
+  std::vector<float*> acc_out(rank);
+  std::vector<long> lead_dims, trail_dims;
+  long rows = 1, cols = 1;
+  for (long a = 0; a < rank; ++a) {
+    auto in = args.get<F32>(a);
+    auto out = rets.get<F32>(a);
+    if (in.has_error() || out.has_error() ||
+        in.value().element_count() != out.value()->element_count())
+      return ffi::Error::InvalidArgument("sm3_tf_step: accumulators must be f32 vectors");
+    const long d = static_cast<long>(in.value().element_count());
+    acc[a] = in.value().typed_data();
+    acc_out[a] = out.value()->typed_data();
+    (a < lead ? lead_dims : trail_dims).push_back(d);
+    (a < lead ? rows : cols) *= d;
+  }
+  if (rows * cols != n)
+    return ffi::Error::InvalidArgument("sm3_tf_step: accumulators do not match g's shape");
+  const float* m = nullptr;
+  float* m_out = nullptr;
+  if (has_m) {
+    auto m_arg = args.get<F32>(rank);
+    auto m_ret = rets.get<F32>(rank);
+    if (m_arg.has_error() || m_ret.has_error() ||
+        static_cast<long>(m_arg.value().element_count()) != n ||
+        static_cast<long>(m_ret.value()->element_count()) != n)
+      return ffi::Error::InvalidArgument("sm3_tf_step: momentum must be f32, g's size");
+    m = m_arg.value().typed_data();
+    m_out = m_ret.value()->typed_data();
+  }
+  // The rows' and columns' prev, and their maxima, then the per-axis ones.
+  std::vector<float> row_prev(rows), col_prev(cols), row_max(rows), col_max_all(cols);
+  MinOfAccumulators(acc.data(), lead_dims, rows, row_prev.data());
+  MinOfAccumulators(acc.data() + lead, trail_dims, cols, col_prev.data());
+  const Sm3Args a{rows, cols, g.typed_data(), w.typed_data(), w_out->typed_data(),
+                  m, m_out, row_prev.data(), col_prev.data(), row_max.data(),
+                  col_max_all.data(), *lr.typed_data(), mu, eps};
+  // About 256 KiB of gradient per chunk.
+  const long chunk_rows = std::max(1L, 65536 / std::max(1L, cols));
+  const long chunks = (rows + chunk_rows - 1) / chunk_rows;
+  const int slots = static_cast<int>(std::max<int64_t>(1, pool.num_threads() + 1));
+  std::vector<float> col_max(static_cast<size_t>(slots) * cols, 0.f);
+  const int used = ParallelChunks(pool, chunks, slots, [&](long chunk, int slot) {
+    Sm3Rows(a, chunk * chunk_rows, std::min(rows, (chunk + 1) * chunk_rows),
+            col_max.data() + static_cast<size_t>(slot) * cols);
+  });
+  for (long j = 0; j < cols; ++j) {
+    float x = 0.f;
+    for (int t = 0; t < used; ++t)
+      x = MaxKeepingNaN(x, col_max[static_cast<size_t>(t) * cols + j]);
+    col_max_all[j] = x;
+  }
+  MaxOverEachAxis(row_max.data(), lead_dims, rows, acc_out.data());
+  MaxOverEachAxis(col_max_all.data(), trail_dims, cols, acc_out.data() + lead);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Sm3StepHandler, Step,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .RemainingArgs()
+                                  .Ret<F32>()
+                                  .RemainingRets()
+                                  .Attr<int64_t>("rank")
+                                  .Attr<int64_t>("lead")
+                                  .Attr<float>("mu")
+                                  .Attr<float>("eps"));
+
+XLA_FFI_REGISTER_HANDLER(xla::ffi::GetXlaFfiApi(), "sm3_tf_step", "Host",
+                         Sm3StepHandler);
+
+// For sm3_tf.cpu_kernel: this library's ABI version; a mismatch means a
+// stale build.
+extern "C" int sm3_tf_native_version() { return 2; }

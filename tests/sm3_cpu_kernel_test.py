@@ -1,0 +1,193 @@
+"""`SM3(cpu_kernel=True)`: the hand-written CPU pass against the spec's reference.
+
+Skipped, with the reason, where the kernel cannot be built or run (no
+AVX-512F, no C++ compiler): SM3 then takes its portable path, which the
+other test files cover.
+"""
+
+import logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sm3_tf import SM3
+from sm3_tf import cpu_kernel
+
+from numpy_reference import SM3Reference
+
+_REASON = cpu_kernel.unavailable_reason()
+pytestmark = pytest.mark.skipif(
+    _REASON is not None, reason=f"CPU kernel unavailable: {_REASON}")
+
+LR = 0.25  # exactly representable in the float32 learning-rate variable
+
+
+def _step_function(opt, var, mode):
+    """One `apply_gradients`: eagerly, in a `tf.function`, or under XLA."""
+    if mode == "eager":
+        return lambda g: opt.apply_gradients([(tf.constant(g), var)])
+
+    @tf.function(jit_compile=mode == "xla")
+    def step(g):
+        opt.apply_gradients([(g, var)])
+
+    return step
+
+
+@st.composite
+def problems(draw):
+    rank = draw(st.integers(2, 4))
+    # Widths around 16 (the kernel's lane count) and tails of every length.
+    shape = tuple(draw(st.integers(1, 40)) for _ in range(rank))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    grads = []
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["normal", "normal", "zero", "sparse"]))
+        g = rng.normal(size=shape).astype(np.float32)
+        if kind == "zero":
+            g = np.zeros(shape, np.float32)
+        elif kind == "sparse":  # exact zeros: nu == 0 entries, u = 0
+            g = np.where(rng.random(shape) < 0.7, 0, g).astype(np.float32)
+        grads.append(g)
+    return dict(
+        shape=shape, var=rng.normal(size=shape).astype(np.float32),
+        grads=grads, momentum=draw(st.sampled_from([0.0, 0.9, 0.5])),
+        epsilon=draw(st.sampled_from([0.0, 1e-30, 1e-3])),
+        mode=draw(st.sampled_from(["xla", "function", "eager"])))
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_kernel_follows_the_numpy_reference(p):
+    opt = SM3(LR, momentum=p["momentum"], epsilon=p["epsilon"],
+              cpu_kernel=True)
+    var = keras.Variable(p["var"])
+    opt.build([var])
+    step = _step_function(opt, var, p["mode"])
+    ref = SM3Reference(p["var"], LR, p["momentum"], 1.0, p["epsilon"])
+    for g in p["grads"]:
+        step(g)
+        ref.step(g)
+        # The kernel rounds nu as NumPy does and max is exact: the
+        # accumulators are the reference's, bit for bit.
+        for got, want in zip(opt.accumulators_for(var), ref.acc):
+            np.testing.assert_array_equal(got.numpy(), want)
+        if p["momentum"] == 0:
+            # g / sqrt(nu + eps), then var - lr * u, each rounded once, as
+            # NumPy rounds them (the fused multiply-add rounds lr * u and
+            # the subtraction once: equal where lr * u is exact, lr = 1/4).
+            np.testing.assert_array_equal(var.numpy(), ref.var)
+        else:
+            # The momentum's mu * m + (1 - mu) * u is one fused multiply-
+            # add: within a unit or two in the last place of the reference.
+            np.testing.assert_allclose(var.numpy(), ref.var, rtol=1e-6,
+                                       atol=1e-6)
+
+
+def test_compiled_step_runs_the_kernel_in_place():
+    var = keras.Variable(np.ones((64, 48), np.float32))
+    opt = SM3(LR, cpu_kernel=True)
+    opt.build([var])
+
+    @tf.function(jit_compile=True)
+    def step(g):
+        opt.apply_gradients([(g, var)])
+
+    g = tf.ones((64, 48))
+    hlo = step.experimental_get_compiler_ir(g)(stage="optimized_hlo")
+    calls = [line for line in hlo.splitlines()
+             if 'custom_call_target="sm3_tf_step"' in line]
+    assert len(calls) == 1
+    # Every result is written in place, declared to XLA, so it neither
+    # copies them nor lets anything read the old values after. Operands
+    # (g, w, lr, acc_0, acc_1, m), results (w', acc'_0, acc'_1, m').
+    assert ("output_to_operand_aliasing={{0}: (1, {}), {1}: (3, {}), "
+            "{2}: (4, {}), {3}: (5, {})}") in calls[0]
+    assert not any(" copy(" in line for line in hlo.splitlines())
+
+
+@pytest.mark.parametrize("case", ["beta2", "vector", "float64", "disabled"])
+def test_other_variables_take_the_portable_path(case):
+    shape = (5,) if case == "vector" else (6, 7)
+    dtype = "float64" if case == "float64" else "float32"
+    var = keras.Variable(np.ones(shape, dtype), dtype=dtype)
+    opt = SM3(LR, beta2=0.99 if case == "beta2" else 1.0,
+              cpu_kernel=case != "disabled")
+    opt.build([var])
+
+    @tf.function(jit_compile=True)
+    def step(g):
+        opt.apply_gradients([(g, var)])
+
+    g = tf.ones(shape, dtype)
+    hlo = step.experimental_get_compiler_ir(g)(stage="optimized_hlo")
+    assert "sm3_tf_step" not in hlo
+    step(g)
+    ref = SM3Reference(np.ones(shape, dtype), LR, 0.9,
+                       0.99 if case == "beta2" else 1.0, 1e-30)
+    ref.step(np.ones(shape, dtype))
+    np.testing.assert_allclose(var.numpy(), ref.var, rtol=1e-6)
+
+
+def test_fit_trains_the_same_with_and_without_the_kernel():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 12)).astype(np.float32)
+    y = rng.integers(0, 3, 64)
+    weights = {}
+    for enabled in (False, True):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((12,)), keras.layers.Dense(20, activation="relu"),
+            keras.layers.Dense(3)])
+        model.compile(optimizer=SM3(0.05, cpu_kernel=enabled),
+                      loss=keras.losses.SparseCategoricalCrossentropy(
+                          from_logits=True), jit_compile=True)
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        weights[enabled] = [w.numpy() for w in model.weights]
+    for a, b in zip(weights[False], weights[True]):
+        # Same rule; the portable path's g * rsqrt(nu) and the kernel's
+        # g / sqrt(nu) may differ in the last bit, 8 steps on.
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_gradient_reaches_both_accumulators_as_in_the_reference():
+    # NumPy's max keeps NaN; so does the kernel, in the row and the column
+    # accumulator alike. (The portable path under XLA:CPU kept it in the
+    # column and dropped it from the row: its vectorized reductions.)
+    g = np.ones((4, 20), np.float32)
+    g[1, 17] = np.nan
+    var = keras.Variable(np.zeros((4, 20), np.float32))
+    opt = SM3(LR, momentum=0.0, cpu_kernel=True)
+    opt.build([var])
+    _step_function(opt, var, "xla")(g)
+    ref = SM3Reference(np.zeros((4, 20), np.float32), LR, 0.0, 1.0, 1e-30)
+    ref.step(g)
+    for got, want in zip(opt.accumulators_for(var), ref.acc):
+        np.testing.assert_array_equal(got.numpy(), want)  # NaN == NaN here
+    assert np.isnan(opt.accumulators_for(var)[0].numpy()[1])
+
+
+def test_unavailable_kernel_warns_once_and_falls_back(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernel, "_loaded", "this CPU has no AVX-512F")
+    monkeypatch.setattr(cpu_kernel, "_warned", False)
+    var = keras.Variable(np.ones((6, 7), np.float32))
+    opt = SM3(LR, cpu_kernel=True)
+    opt.build([var])
+    with caplog.at_level(logging.WARNING, logger="sm3_tf"):
+        for _ in range(2):
+            _step_function(opt, var, "eager")(np.ones((6, 7), np.float32))
+    warnings = [r for r in caplog.records if "cpu_kernel" in r.getMessage()]
+    assert len(warnings) == 1 and "AVX-512F" in warnings[0].getMessage()
+    ref = SM3Reference(np.ones((6, 7), np.float32), LR, 0.9, 1.0, 1e-30)
+    for _ in range(2):
+        ref.step(np.ones((6, 7), np.float32))
+    np.testing.assert_allclose(var.numpy(), ref.var, rtol=1e-6)
