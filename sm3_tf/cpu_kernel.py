@@ -8,7 +8,7 @@ elementwise loop), which keeps a compiled step at 1.5-2x SGD with momentum
 in one AVX-512 pass; `native/sm3_xla_cpu.cc` makes it an XLA FFI handler
 that runs on XLA's own threads, and `dense_update` calls it inside the
 compiled step through `XlaCallModule`, declaring that it writes the
-variable and the momentum in place.
+variable, its accumulators and its momentum in place.
 
 Opt in with `SM3(cpu_kernel=True)`. At first use the handler is compiled
 with the C++ compiler (`$CXX`, else `g++`) against TensorFlow's own headers
@@ -112,6 +112,9 @@ def _load():
                 f"cannot write the kernel's cache {cache} ({e}); set "
                 "SM3_TF_CACHE to a writable directory") from e
         os.close(fd)
+        logging.getLogger("sm3_tf").info(
+            "SM3(cpu_kernel=True): building the CPU kernel (once) into %s",
+            library)
         try:
             result = subprocess.run(
                 [compiler, *_FLAGS, *compile_flags, "-o", partial,
