@@ -145,7 +145,6 @@ def applies(optimizer, gradient, variable):
             and len(shape) >= 2 and None not in shape and math.prod(shape) > 0
             and variable.dtype == "float32" and gradient.dtype == tf.float32):
         return False
-    reason = None
     if (tf.config.list_logical_devices("GPU")
             or tf.config.list_logical_devices("TPU")):
         reason = "the process has a GPU or TPU (the kernel is for CPUs)"
@@ -175,8 +174,8 @@ def dense_update(optimizer, gradient, variable, accumulators, momentum,
     ] + [tf.convert_to_tensor(a) for a in accumulators] + (
         [tf.reshape(tf.convert_to_tensor(momentum), [rows, cols])]
         if has_momentum else [])
-    results = _call(operands, shape, lead, has_momentum, optimizer.momentum,
-                    optimizer.epsilon)
+    results = _call(operands, shape, lead, rows, cols, has_momentum,
+                    optimizer.momentum, optimizer.epsilon)
     for accumulator, value in zip(accumulators, results[1:1 + len(shape)]):
         optimizer.assign(accumulator, value)
     optimizer.assign(variable, tf.reshape(results[0], shape))
@@ -184,13 +183,12 @@ def dense_update(optimizer, gradient, variable, accumulators, momentum,
         optimizer.assign(momentum, tf.reshape(results[-1], shape))
 
 
-def _call(operands, shape, lead, has_momentum, mu, epsilon):
+def _call(operands, shape, lead, rows, cols, has_momentum, mu, epsilon):
     """The handler on `operands` (g, w, lr, acc_0, ..., [m]) as a StableHLO
     module: results (w', acc'_0, ...[, m']), each written over its operand."""
     from tensorflow.compiler.tf2xla.python import xla
 
     rank = len(shape)
-    rows, cols = rule.matrix_shape(shape, lead)
     matrix = f"tensor<{rows}x{cols}xf32>"
     vectors = [f"tensor<{d}xf32>" for d in shape]
     momentum = [matrix] if has_momentum else []
