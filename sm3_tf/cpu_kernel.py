@@ -37,8 +37,7 @@ from sm3_tf import rule
 
 _NATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 _SOURCES = ("sm3_kernel.h", "sm3_xla_cpu.cc")
-_TARGET = "sm3_tf_step"
-_NATIVE_VERSION = 2  # sm3_tf_native_version() of a current build
+_NATIVE_VERSION = 3  # sm3_tf_native_version() of a current build
 _FLAGS = ("-O3", "-mavx512f", "-ffp-contract=off", "-fno-math-errno",
           "-std=c++17", "-shared", "-fPIC")
 
@@ -137,14 +136,23 @@ def _load():
     _libraries.append(native)  # kept for the life of the process
 
 
-def applies(optimizer, gradient, variable):
-    """Whether `variable`'s step, traced now, runs as the kernel."""
-    global _warned
+# Vectors (rank <= 1) up to this many entries (1 MiB of float32) are stepped
+# together, in one call per step (`vector_update`); a larger one takes the
+# portable path, whose loop XLA runs on several threads.
+VECTOR_GROUP_MAX_SIZE = 1 << 18
+
+
+def _rule_fits(optimizer, gradient, variable):
+    """The rule and dtypes the kernels compute: SM3's running sum, float32."""
     shape = tuple(variable.shape)
-    if not (optimizer.cpu_kernel and optimizer.beta2 == 1.0
-            and len(shape) >= 2 and None not in shape and math.prod(shape) > 0
-            and variable.dtype == "float32" and gradient.dtype == tf.float32):
-        return False
+    return (optimizer.cpu_kernel and optimizer.beta2 == 1.0
+            and None not in shape and math.prod(shape) > 0
+            and variable.dtype == "float32" and gradient.dtype == tf.float32)
+
+
+def _available():
+    """Whether the kernels can run in this process; warns once if not."""
+    global _warned
     if (tf.config.list_logical_devices("GPU")
             or tf.config.list_logical_devices("TPU")):
         reason = "the process has a GPU or TPU (the kernel is for CPUs)"
@@ -160,6 +168,20 @@ def applies(optimizer, gradient, variable):
     return True
 
 
+def applies(optimizer, gradient, variable):
+    """Whether `variable`'s step, traced now, runs as the matrix kernel."""
+    return (len(variable.shape) >= 2
+            and _rule_fits(optimizer, gradient, variable) and _available())
+
+
+def applies_to_vector(optimizer, gradient, variable):
+    """Whether `variable` (rank <= 1) joins its step's `vector_update`."""
+    return (len(variable.shape) <= 1
+            and _rule_fits(optimizer, gradient, variable)
+            and math.prod(variable.shape) <= VECTOR_GROUP_MAX_SIZE
+            and _available())
+
+
 def dense_update(optimizer, gradient, variable, accumulators, momentum,
                  learning_rate):
     """One SM3 step of a `variable` of rank >= 2, as the kernel, in XLA."""
@@ -167,6 +189,8 @@ def dense_update(optimizer, gradient, variable, accumulators, momentum,
     lead = rule.split_axes(shape)
     rows, cols = rule.matrix_shape(shape, lead)
     has_momentum = momentum is not None
+    matrix = _tensor_type((rows, cols))
+    vectors = [_tensor_type((d,)) for d in shape]
     operands = [
         tf.reshape(gradient, [rows, cols]),
         tf.reshape(tf.convert_to_tensor(variable), [rows, cols]),
@@ -174,49 +198,97 @@ def dense_update(optimizer, gradient, variable, accumulators, momentum,
     ] + [tf.convert_to_tensor(a) for a in accumulators] + (
         [tf.reshape(tf.convert_to_tensor(momentum), [rows, cols])]
         if has_momentum else [])
-    results = _call(operands, shape, lead, rows, cols, has_momentum,
-                    optimizer.momentum, optimizer.epsilon)
-    for accumulator, value in zip(accumulators, results[1:1 + len(shape)]):
-        optimizer.assign(accumulator, value)
-    optimizer.assign(variable, tf.reshape(results[0], shape))
-    if has_momentum:
-        optimizer.assign(momentum, tf.reshape(results[-1], shape))
-
-
-def _call(operands, shape, lead, rows, cols, has_momentum, mu, epsilon):
-    """The handler on `operands` (g, w, lr, acc_0, ..., [m]) as a StableHLO
-    module: results (w', acc'_0, ...[, m']), each written over its operand."""
-    from tensorflow.compiler.tf2xla.python import xla
-
-    rank = len(shape)
-    matrix = f"tensor<{rows}x{cols}xf32>"
-    vectors = [f"tensor<{d}xf32>" for d in shape]
-    momentum = [matrix] if has_momentum else []
-    operand_types = [matrix, matrix, "tensor<f32>"] + vectors + momentum
-    result_types = ", ".join([matrix] + vectors + momentum)
+    operand_types = ([matrix, matrix, _tensor_type(())] + vectors
+                     + ([matrix] if has_momentum else []))
     # Each result over its operand: the variable, every accumulator (the
     # handler reads them all before it writes any) and the momentum.
-    aliases = [(0, 1)] + [(1 + a, 3 + a) for a in range(rank)] + (
-        [(rank + 1, rank + 3)] if has_momentum else [])
-    n = 1 + rank + has_momentum
+    results = [(matrix, 1)] + [(t, 3 + a) for a, t in enumerate(vectors)] + (
+        [(matrix, 3 + len(shape))] if has_momentum else [])
+    values = _call(
+        "sm3_tf_step", operands, operand_types, results,
+        {"rank": (len(shape), "i64"), "lead": (lead, "i64"),
+         "mu": (optimizer.momentum, "f32"),
+         "eps": (optimizer.epsilon, "f32")})
+    for accumulator, value in zip(accumulators, values[1:1 + len(shape)]):
+        optimizer.assign(accumulator, value)
+    optimizer.assign(variable, tf.reshape(values[0], shape))
+    if has_momentum:
+        optimizer.assign(momentum, tf.reshape(values[-1], shape))
+
+
+def vector_update(optimizer, vectors, learning_rate):
+    """One SM3 step of several vectors (rank <= 1) in one call, in XLA.
+
+    Args:
+        optimizer: the SM3 optimizer.
+        vectors: `(gradient, variable, accumulator, momentum)` per vector,
+            `momentum` None for all or for none.
+        learning_rate: this step's learning rate.
+    """
+    has_momentum = vectors[0][3] is not None
+    operands = [tf.cast(learning_rate, tf.float32)]
+    operand_types = [_tensor_type(())]
+    results = []
+    for gradient, variable, accumulator, momentum in vectors:
+        if (momentum is not None) != has_momentum:
+            raise ValueError("vector_update: momentum for some vectors only")
+        size = math.prod(variable.shape)
+        state = [variable, accumulator] + ([momentum] if has_momentum else [])
+        first = len(operands)
+        operands += [tf.reshape(gradient, [size])] + [
+            tf.reshape(tf.convert_to_tensor(s), [size]) for s in state]
+        operand_types += [_tensor_type((size,))] * (1 + len(state))
+        results += [(_tensor_type((size,)), first + 1 + i)
+                    for i in range(len(state))]
+    values = iter(_call(
+        "sm3_tf_vectors", operands, operand_types, results,
+        {"momentum": (int(has_momentum), "i64"),
+         "mu": (optimizer.momentum, "f32"),
+         "eps": (optimizer.epsilon, "f32")}))
+    for _, variable, accumulator, momentum in vectors:
+        shape = tuple(variable.shape)
+        optimizer.assign(variable, tf.reshape(next(values), shape))
+        optimizer.assign(accumulator, tf.reshape(next(values), shape))
+        if has_momentum:
+            optimizer.assign(momentum, tf.reshape(next(values), shape))
+
+
+def _tensor_type(shape):
+    return "tensor<" + "".join(f"{d}x" for d in shape) + "f32>"
+
+
+def _call(target, operands, operand_types, results, attributes):
+    """The handler `target` on `operands` as a StableHLO module.
+
+    `results` holds `(type, operand index)` per result: each is declared
+    written over that operand (`output_operand_aliases`), so XLA updates
+    the variables in place and copies none. `attributes` maps a name to
+    `(value, "i64" or "f32")`.
+    """
+    from tensorflow.compiler.tf2xla.python import xla
+
+    n = len(results)
+    result_types = ", ".join(t for t, _ in results)
+    config = ", ".join(
+        f"{name} = {value} : i64" if kind == "i64"
+        else f"{name} = {value:.9e} : f32"
+        for name, (value, kind) in attributes.items())
+    aliases = ", ".join(
+        "#stablehlo.output_operand_alias<output_tuple_indices = "
+        f"[{r}], operand_index = {o}, operand_tuple_indices = []>"
+        for r, (_, o) in enumerate(results))
     module = (
         "module @sm3_tf {\n  func.func public @main("
         + ", ".join(f"%a{i}: {t}" for i, t in enumerate(operand_types))
         + f") -> ({result_types}) {{\n    %0:{n} = stablehlo.custom_call "
-        f"@{_TARGET}("
+        f"@{target}("
         + ", ".join(f"%a{i}" for i in range(len(operand_types)))
-        + f") {{api_version = 4 : i32, backend_config = {{rank = {rank} : "
-        f"i64, lead = {lead} : i64, mu = {mu:.9e} : f32, eps = "
-        f"{epsilon:.9e} : f32}}, output_operand_aliases = ["
-        + ", ".join(
-            "#stablehlo.output_operand_alias<output_tuple_indices = "
-            f"[{r}], operand_index = {o}, operand_tuple_indices = []>"
-            for r, o in aliases)
-        + f"]}} : ({', '.join(operand_types)}) -> ({result_types})\n"
+        + f") {{api_version = 4 : i32, backend_config = {{{config}}}, "
+        f"output_operand_aliases = [{aliases}]}} : "
+        f"({', '.join(operand_types)}) -> ({result_types})\n"
         "    return " + ", ".join(f"%0#{i}" for i in range(n))
         + f" : {result_types}\n  }}\n}}\n")
-    shapes = [(rows, cols)] + [(d,) for d in shape] + (
-        [(rows, cols)] if has_momentum else [])
+    shapes = [tuple(operands[o].shape) for _, o in results]
     return xla.call_module(
         operands, version=xla.call_module_maximum_supported_version(),
         module=module.encode(), Tout=[tf.float32] * n, Sout=shapes,

@@ -220,6 +220,18 @@ class SM3(keras.optimizers.Optimizer):
             tf_compile.wait_for_all_gradients(self, grads)
         return super().apply(grads, trainable_variables)
 
+    def _distributed_tf_update_step(
+        self, distribution, grads_and_vars, learning_rate
+    ):
+        """Keras's loop over the step's variables (TensorFlow backend), with
+        the vectors the CPU kernel takes stepped together at its end."""
+        from sm3_tf import tf_compile
+
+        with tf_compile.vectors_grouped(self, distribution, learning_rate):
+            super()._distributed_tf_update_step(
+                distribution, grads_and_vars, learning_rate
+            )
+
     def update_step(self, gradient, variable, learning_rate):
         """Applies one SM3 step to `variable`."""
         index = self._get_variable_index(variable)

@@ -18,6 +18,7 @@ that a nested function cannot take as arguments, so there the rule runs as
 plain TensorFlow ops (still exact; only slower without XLA).
 """
 
+import contextlib
 import math
 
 import keras
@@ -92,9 +93,45 @@ def _update_in_xla(optimizer, gradient, variable, accumulators, momentum,
                             learning_rate)
 
 
+@contextlib.contextmanager
+def vectors_grouped(optimizer, distribution, learning_rate):
+    """Inside it, `dense_update` holds back the vectors the CPU kernel takes;
+    on leaving, they are stepped together, in one call (`cpu_kernel`).
+
+    Wraps the loop over a step's variables (`SM3._distributed_tf_update_
+    step`). Where the kernel is off or there are several replicas, every
+    variable is stepped on its own, as before.
+    """
+    if not optimizer.cpu_kernel or distribution.num_replicas_in_sync != 1:
+        yield
+        return
+    group = []
+    object.__setattr__(optimizer, "_sm3_vector_group", group)
+    try:
+        yield
+    finally:
+        object.__setattr__(optimizer, "_sm3_vector_group", None)
+    if group:
+        _run_compiled(optimizer, "_sm3_compiled_vector_update",
+                      _update_vectors, (group, learning_rate), large=False)
+
+
+def _update_vectors(optimizer, group, learning_rate):
+    from sm3_tf import cpu_kernel
+
+    cpu_kernel.vector_update(optimizer, group, learning_rate)
+
+
 def dense_update(optimizer, gradient, variable, accumulators, momentum,
                  learning_rate):
     """`optimizer._dense_update(...)`, compiled with XLA where it can be."""
+    group = optimizer.__dict__.get("_sm3_vector_group")
+    if group is not None:
+        from sm3_tf import cpu_kernel
+
+        if cpu_kernel.applies_to_vector(optimizer, gradient, variable):
+            group.append((gradient, variable, accumulators[0], momentum))
+            return
     if in_xla_program():
         _update_in_xla(optimizer, gradient, variable, accumulators, momentum,
                        learning_rate)
@@ -103,16 +140,32 @@ def dense_update(optimizer, gradient, variable, accumulators, momentum,
         optimizer._dense_update(gradient, variable, accumulators, momentum,
                                 learning_rate)
         return
-    compiled = getattr(optimizer, "_sm3_compiled_dense_update", None)
+    _run_compiled(
+        optimizer, "_sm3_compiled_dense_update", _update_in_xla,
+        (gradient, variable, accumulators, momentum, learning_rate),
+        large=math.prod(variable.shape) >= ORDERED_MIN_SIZE)
+
+
+def _run_compiled(optimizer, name, update, args, large):
+    """`update(optimizer, *args)` as it belongs in the step being traced.
+
+    Inside an XLA program, traced straight into it; elsewhere, as a
+    `tf.function(jit_compile=True)` kept on the optimizer as `name`, its
+    variables passed by reference (`_local`).
+    """
+    if in_xla_program():
+        update(optimizer, *args)
+        return
+    compiled = getattr(optimizer, name, None)
     if compiled is None:
-        def update(gradient, variable, accumulators, momentum, learning_rate):
-            _update_in_xla(optimizer, gradient, variable, accumulators,
-                           momentum, learning_rate)
+        def compiled_update(*args):
+            update(optimizer, *args)
             return tf.constant(0)
 
-        compiled = tf.function(update, jit_compile=True, autograph=False)
+        compiled = tf.function(compiled_update, jit_compile=True,
+                               autograph=False)
         # Not an attribute Keras should track: a plain object.__setattr__.
-        object.__setattr__(optimizer, "_sm3_compiled_dense_update", compiled)
+        object.__setattr__(optimizer, name, compiled)
     # TensorFlow runs independent ops concurrently, and each compiled update
     # holds temporaries while it runs (a quarter of the variable with folded
     # reductions): in a traced step, the updates of large variables run one
@@ -121,7 +174,6 @@ def dense_update(optimizer, gradient, variable, accumulators, momentum,
     # ones stay concurrent (ordering all of ResNet-50's 214 updates cost a
     # third of the step's time).
     graph = tf.compat.v1.get_default_graph()
-    large = math.prod(variable.shape) >= ORDERED_MIN_SIZE
     previous = optimizer.__dict__.get("_sm3_previous_update")
     ready = optimizer.__dict__.get("_sm3_gradients_ready")
     after = []
@@ -134,12 +186,6 @@ def dense_update(optimizer, gradient, variable, accumulators, momentum,
         if large and previous is not None and previous.graph is graph:
             after.append(previous)
     with tf.control_dependencies(after):
-        done = compiled(
-            gradient,
-            _local(variable),
-            [_local(a) for a in accumulators],
-            None if momentum is None else _local(momentum),
-            tf.convert_to_tensor(learning_rate),
-        )
+        done = compiled(*tf.nest.map_structure(_local, args))
     if large and not tf.executing_eagerly():
         object.__setattr__(optimizer, "_sm3_previous_update", done)

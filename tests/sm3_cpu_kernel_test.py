@@ -93,6 +93,94 @@ def test_kernel_follows_the_numpy_reference(p):
                                        atol=1e-6)
 
 
+@st.composite
+def vector_problems(draw):
+    # Rank 0 and 1 (each entry its own accumulator), widths around 16 and
+    # tails of every length; several per step, stepped in one call.
+    shapes = draw(st.lists(
+        st.one_of(st.just(()), st.tuples(st.integers(1, 40))),
+        min_size=1, max_size=4))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    steps = []
+    for _ in range(draw(st.integers(1, 3))):
+        grads = []
+        for shape in shapes:
+            kind = draw(st.sampled_from(["normal", "normal", "zero",
+                                         "sparse"]))
+            g = rng.normal(size=shape).astype(np.float32)
+            if kind == "zero":
+                g = np.zeros(shape, np.float32)
+            elif kind == "sparse":
+                g = np.where(rng.random(shape) < 0.7, 0, g).astype(np.float32)
+            grads.append(g)
+        steps.append(grads)
+    return dict(
+        shapes=shapes,
+        values=[rng.normal(size=s).astype(np.float32) for s in shapes],
+        steps=steps, momentum=draw(st.sampled_from([0.0, 0.9, 0.5])),
+        epsilon=draw(st.sampled_from([0.0, 1e-30, 1e-3])),
+        mode=draw(st.sampled_from(["xla", "function", "eager"])))
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(vector_problems())
+def test_vectors_follow_the_numpy_reference(p):
+    opt = SM3(LR, momentum=p["momentum"], epsilon=p["epsilon"],
+              cpu_kernel=True)
+    variables = [keras.Variable(v) for v in p["values"]]
+    opt.build(variables)
+    refs = [SM3Reference(v, LR, p["momentum"], 1.0, p["epsilon"])
+            for v in p["values"]]
+    if p["mode"] == "eager":
+        def step(grads):
+            opt.apply_gradients(zip([tf.constant(g) for g in grads],
+                                    variables))
+    else:
+        @tf.function(jit_compile=p["mode"] == "xla")
+        def step(grads):
+            opt.apply_gradients(zip(grads, variables))
+    for grads in p["steps"]:
+        step(grads)
+        for var, ref, g in zip(variables, refs, grads):
+            ref.step(g)
+            (acc,) = opt.accumulators_for(var)
+            np.testing.assert_array_equal(acc.numpy(), ref.acc[0])
+            if p["momentum"] == 0:  # as for matrices (above)
+                np.testing.assert_array_equal(var.numpy(), ref.var)
+            else:
+                np.testing.assert_allclose(var.numpy(), ref.var, rtol=1e-6,
+                                           atol=1e-6)
+
+
+def test_compiled_step_steps_all_vectors_in_one_call_in_place():
+    shapes = [(64, 48), (48,), (7,), ()]
+    variables = [keras.Variable(np.ones(s, np.float32)) for s in shapes]
+    opt = SM3(LR, cpu_kernel=True)
+    opt.build(variables)
+
+    @tf.function(jit_compile=True)
+    def step(grads):
+        opt.apply_gradients(zip(grads, variables))
+
+    grads = [tf.ones(s) for s in shapes]
+    hlo = step.experimental_get_compiler_ir(grads)(stage="optimized_hlo")
+    lines = hlo.splitlines()
+    matrix = [x for x in lines if 'custom_call_target="sm3_tf_step"' in x]
+    vectors = [x for x in lines if 'custom_call_target="sm3_tf_vectors"' in x]
+    assert len(matrix) == 1 and len(vectors) == 1
+    # Operands (lr, then g, w, acc, m per vector), results (w', acc', m')
+    # per vector, each over its operand.
+    aliases = ", ".join(f"{{{3 * v + i}}}: ({2 + 4 * v + i}, {{}})"
+                        for v in range(3) for i in range(3))
+    assert f"output_to_operand_aliasing={{{aliases}}}" in vectors[0]
+    assert not any(" copy(" in x for x in lines)
+    step(grads)
+    ref = SM3Reference(np.ones(7, np.float32), LR, 0.9, 1.0, 1e-30)
+    ref.step(np.ones(7, np.float32))
+    np.testing.assert_allclose(variables[2].numpy(), ref.var, rtol=1e-6)
+
+
 def test_compiled_step_runs_the_kernel_in_place():
     var = keras.Variable(np.ones((64, 48), np.float32))
     opt = SM3(LR, cpu_kernel=True)
@@ -115,10 +203,12 @@ def test_compiled_step_runs_the_kernel_in_place():
     assert not any(" copy(" in line for line in hlo.splitlines())
 
 
-@pytest.mark.parametrize("case", ["beta2", "vector", "float64", "disabled"])
+@pytest.mark.parametrize("case", [
+    "beta2", "large_vector", "float64", "float64_vector", "disabled"])
 def test_other_variables_take_the_portable_path(case):
-    shape = (5,) if case == "vector" else (6, 7)
-    dtype = "float64" if case == "float64" else "float32"
+    shape = {"large_vector": (cpu_kernel.VECTOR_GROUP_MAX_SIZE + 1,),
+             "float64_vector": (5,)}.get(case, (6, 7))
+    dtype = "float64" if case.startswith("float64") else "float32"
     var = keras.Variable(np.ones(shape, dtype), dtype=dtype)
     opt = SM3(LR, beta2=0.99 if case == "beta2" else 1.0,
               cpu_kernel=case != "disabled")
@@ -130,7 +220,7 @@ def test_other_variables_take_the_portable_path(case):
 
     g = tf.ones(shape, dtype)
     hlo = step.experimental_get_compiler_ir(g)(stage="optimized_hlo")
-    assert "sm3_tf_step" not in hlo
+    assert "sm3_tf_step" not in hlo and "sm3_tf_vectors" not in hlo
     step(g)
     ref = SM3Reference(np.ones(shape, dtype), LR, 0.9,
                        0.99 if case == "beta2" else 1.0, 1e-30)
@@ -156,6 +246,44 @@ def test_fit_trains_the_same_with_and_without_the_kernel():
     for a, b in zip(weights[False], weights[True]):
         # Same rule; the portable path's g * rsqrt(nu) and the kernel's
         # g / sqrt(nu) may differ in the last bit, 8 steps on.
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["gradient_accumulation", "two_replicas"])
+def test_kernel_steps_like_the_portable_path_in_other_apply_settings(case):
+    # Gradient accumulation steps inside a `cond`: the vectors' call must
+    # be made in its branch. Two replicas: no kernel (portable), same step.
+    cpus = tf.config.list_logical_devices("CPU")
+    if case == "two_replicas" and len(cpus) < 2:
+        pytest.skip("needs two logical CPUs, configured in conftest.py before "
+                    "TensorFlow starts; another import initialized it first")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 12)).astype(np.float32)
+    y = rng.normal(size=(64, 3)).astype(np.float32)
+    kwargs = ({"gradient_accumulation_steps": 2}
+              if case == "gradient_accumulation" else {})
+    weights = {}
+    for enabled in (False, True):
+        keras.utils.set_random_seed(0)
+        # Reduced on one device, not by collectives: collective instances
+        # of two strategies in one process clash (the other tests' one).
+        scope = (tf.distribute.MirroredStrategy(
+            [c.name for c in cpus[:2]],
+            cross_device_ops=tf.distribute.ReductionToOneDevice()).scope()
+            if case == "two_replicas" else tf.init_scope())
+        with scope:
+            model = keras.Sequential([
+                keras.Input((12,)), keras.layers.Dense(20, activation="relu"),
+                keras.layers.Dense(3)])
+            model.compile(optimizer=SM3(0.05, cpu_kernel=enabled, **kwargs),
+                          loss="mse", jit_compile=case != "two_replicas")
+        initial = [w.numpy() for w in model.weights]
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        weights[enabled] = [w.numpy() for w in model.weights]
+        # Every variable, the biases too, was stepped.
+        for before, after in zip(initial, weights[enabled]):
+            assert not np.array_equal(before, after)
+    for a, b in zip(weights[False], weights[True]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 

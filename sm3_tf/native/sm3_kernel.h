@@ -87,4 +87,43 @@ inline void Sm3Rows(const Sm3Args& a, long begin, long end, float* col_max) {
   for (long i = begin; i < end; ++i) a.row_out[i] = Sm3Row(a, i, col_max);
 }
 
+// A vector (rank <= 1: one accumulator entry per entry, Adagrad's form):
+//   nu = acc + g * g;  acc' = nu;  u, m' and w' as above.
+// Each entry is read before it is written: the outputs may equal the inputs.
+struct Sm3VectorArgs {
+  long n;
+  const float* g;
+  const float* w;
+  float* w_out;
+  const float* acc;
+  float* acc_out;
+  const float* m;  // nullptr: no momentum
+  float* m_out;
+  float lr, mu, eps;
+};
+
+inline void Sm3Vector(const Sm3VectorArgs& a) {
+  const __m512 zero = _mm512_setzero_ps(), eps = _mm512_set1_ps(a.eps),
+               lr = _mm512_set1_ps(a.lr), mu = _mm512_set1_ps(a.mu),
+               one_minus_mu = _mm512_set1_ps(1.f - a.mu);
+  for (long j = 0; j < a.n; j += 16) {
+    const __mmask16 k = a.n - j >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                      : static_cast<__mmask16>((1u << (a.n - j)) - 1);
+    const __m512 g = _mm512_maskz_loadu_ps(k, a.g + j);
+    const __m512 nu = _mm512_add_ps(_mm512_maskz_loadu_ps(k, a.acc + j),
+                                    _mm512_mul_ps(g, g));  // square rounded first
+    _mm512_mask_storeu_ps(a.acc_out + j, k, nu);
+    const __mmask16 positive = _mm512_cmp_ps_mask(nu, zero, _CMP_GT_OQ);
+    __m512 u = _mm512_maskz_div_ps(positive, g,
+                                   _mm512_sqrt_ps(_mm512_add_ps(nu, eps)));
+    if (a.m) {
+      u = _mm512_fmadd_ps(mu, _mm512_maskz_loadu_ps(k, a.m + j),
+                          _mm512_mul_ps(one_minus_mu, u));
+      _mm512_mask_storeu_ps(a.m_out + j, k, u);
+    }
+    _mm512_mask_storeu_ps(a.w_out + j, k,
+                          _mm512_fnmadd_ps(lr, u, _mm512_maskz_loadu_ps(k, a.w + j)));
+  }
+}
+
 #endif  // SM3_TF_NATIVE_SM3_KERNEL_H_
