@@ -131,12 +131,12 @@ class SM3Part(sm3_tf.SM3):
         self.part = part
         self._unwritten = ()
 
-    def _dense_update(self, gradient, variable, accumulators, momentum,
+    def _dense_update(self, gradient, variable, accumulator, momentum,
                       learning_rate):
-        # The accumulators as this call sees them (inside the per-variable
-        # compiled update they are not the objects `build` made).
-        self._unwritten = accumulators if self.part == "update" else ()
-        super()._dense_update(gradient, variable, accumulators, momentum,
+        # The accumulator as this call sees it (inside the per-variable
+        # compiled update it is not the object `build` made).
+        self._unwritten = (accumulator,) if self.part == "update" else ()
+        super()._dense_update(gradient, variable, accumulator, momentum,
                               learning_rate)
         self._unwritten = ()
 

@@ -37,7 +37,7 @@ from sm3_tf import rule
 
 _NATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 _SOURCES = ("sm3_kernel.h", "sm3_xla_cpu.cc")
-_NATIVE_VERSION = 3  # sm3_tf_native_version() of a current build
+_NATIVE_VERSION = 4  # sm3_tf_native_version() of a current build
 _FLAGS = ("-O3", "-mavx512f", "-ffp-contract=off", "-fno-math-errno",
           "-std=c++17", "-shared", "-fPIC")
 
@@ -182,7 +182,7 @@ def applies_to_vector(optimizer, gradient, variable):
             and _available())
 
 
-def dense_update(optimizer, gradient, variable, accumulators, momentum,
+def dense_update(optimizer, gradient, variable, accumulator, momentum,
                  learning_rate):
     """One SM3 step of a `variable` of rank >= 2, as the kernel, in XLA."""
     shape = tuple(variable.shape)
@@ -190,30 +190,29 @@ def dense_update(optimizer, gradient, variable, accumulators, momentum,
     rows, cols = rule.matrix_shape(shape, lead)
     has_momentum = momentum is not None
     matrix = _tensor_type((rows, cols))
-    vectors = [_tensor_type((d,)) for d in shape]
+    packed = _tensor_type((sum(shape),))
     operands = [
         tf.reshape(gradient, [rows, cols]),
         tf.reshape(tf.convert_to_tensor(variable), [rows, cols]),
         tf.cast(learning_rate, tf.float32),
-    ] + [tf.convert_to_tensor(a) for a in accumulators] + (
-        [tf.reshape(tf.convert_to_tensor(momentum), [rows, cols])]
-        if has_momentum else [])
-    operand_types = ([matrix, matrix, _tensor_type(())] + vectors
-                     + ([matrix] if has_momentum else []))
-    # Each result over its operand: the variable, every accumulator (the
-    # handler reads them all before it writes any) and the momentum.
-    results = [(matrix, 1)] + [(t, 3 + a) for a, t in enumerate(vectors)] + (
-        [(matrix, 3 + len(shape))] if has_momentum else [])
+        tf.convert_to_tensor(accumulator),
+    ] + ([tf.reshape(tf.convert_to_tensor(momentum), [rows, cols])]
+         if has_momentum else [])
+    operand_types = [matrix, matrix, _tensor_type(()), packed] + (
+        [matrix] if has_momentum else [])
+    # Each result over its operand: the variable, the accumulator (the
+    # handler reads it whole before it writes any of it) and the momentum.
+    results = [(matrix, 1), (packed, 3)] + (
+        [(matrix, 4)] if has_momentum else [])
     values = _call(
         "sm3_tf_step", operands, operand_types, results,
-        {"rank": (len(shape), "i64"), "lead": (lead, "i64"),
+        {"dims": (shape, "i64 array"), "lead": (lead, "i64"),
          "mu": (optimizer.momentum, "f32"),
          "eps": (optimizer.epsilon, "f32")})
-    for accumulator, value in zip(accumulators, values[1:1 + len(shape)]):
-        optimizer.assign(accumulator, value)
+    optimizer.assign(accumulator, values[1])
     optimizer.assign(variable, tf.reshape(values[0], shape))
     if has_momentum:
-        optimizer.assign(momentum, tf.reshape(values[-1], shape))
+        optimizer.assign(momentum, tf.reshape(values[2], shape))
 
 
 def vector_update(optimizer, vectors, learning_rate):
@@ -263,16 +262,21 @@ def _call(target, operands, operand_types, results, attributes):
     `results` holds `(type, operand index)` per result: each is declared
     written over that operand (`output_operand_aliases`), so XLA updates
     the variables in place and copies none. `attributes` maps a name to
-    `(value, "i64" or "f32")`.
+    `(value, "i64", "f32" or "i64 array")`.
     """
     from tensorflow.compiler.tf2xla.python import xla
 
     n = len(results)
     result_types = ", ".join(t for t, _ in results)
-    config = ", ".join(
-        f"{name} = {value} : i64" if kind == "i64"
-        else f"{name} = {value:.9e} : f32"
-        for name, (value, kind) in attributes.items())
+    def attribute(name, value, kind):
+        if kind == "i64 array":
+            return f"{name} = array<i64: {', '.join(map(str, value))}>"
+        if kind == "i64":
+            return f"{name} = {value} : i64"
+        return f"{name} = {value:.9e} : f32"
+
+    config = ", ".join(attribute(name, value, kind)
+                       for name, (value, kind) in attributes.items())
     aliases = ", ".join(
         "#stablehlo.output_operand_alias<output_tuple_indices = "
         f"[{r}], operand_index = {o}, operand_tuple_indices = []>"

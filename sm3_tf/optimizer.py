@@ -1,6 +1,7 @@
 """`sm3_tf.SM3`: the SM3-II optimizer as a Keras 3 optimizer."""
 
 import keras
+import numpy as np
 from keras import ops
 
 from sm3_tf import rule
@@ -141,10 +142,15 @@ class SM3(keras.optimizers.Optimizer):
     def build(self, var_list):
         """Creates the accumulators (and momentum) for `var_list`, in order.
 
-        For each variable, in the order given: its accumulators (one per axis
-        for rank >= 2, `accumulator_dim0`, `accumulator_dim1`, ...; one of the
-        variable's shape, `accumulator`, for rank <= 1), then `momentum` when
-        `momentum > 0`. Keras saves optimizer variables by position, so this
+        For each variable, in the order given: its `accumulator`, then
+        `momentum` when `momentum > 0`. The accumulator of a variable of
+        rank >= 2 holds its per-axis vectors end to end (`d0 + d1 + ...`
+        entries, axis 0 first; `accumulators_for` splits it); of a scalar or
+        vector, one entry per entry. One variable, not one per axis: each
+        variable a step updates costs TensorFlow about 10 us to launch
+        (docs/performance.md). Keras saves optimizer variables by position, so
+        this order is part of the checkpoint format; `load_own_variables`
+        also reads the layout of sm3_tf 0.1, one variable per axis.
         order is part of the checkpoint format.
         """
         if self.built:
@@ -168,19 +174,14 @@ class SM3(keras.optimizers.Optimizer):
                 self._accumulators.append(None)
                 self._momentums.append(None)
                 continue
-            acc_dtype = _compute_dtype(variable.dtype)
-            if len(shape) <= 1:
-                accumulators = [
-                    self._add_slot(variable, "accumulator", shape, acc_dtype)
-                ]
-            else:
-                accumulators = [
-                    self._add_slot(
-                        variable, f"accumulator_dim{axis}", (size,), acc_dtype
-                    )
-                    for axis, size in enumerate(shape)
-                ]
-            self._accumulators.append(accumulators)
+            self._accumulators.append(
+                self._add_slot(
+                    variable,
+                    "accumulator",
+                    shape if len(shape) <= 1 else (sum(shape),),
+                    _compute_dtype(variable.dtype),
+                )
+            )
             self._momentums.append(
                 self.add_variable_from_reference(variable, "momentum")
                 if self.momentum > 0
@@ -202,9 +203,72 @@ class SM3(keras.optimizers.Optimizer):
                 return self.add_variable(shape, dtype=dtype, name=name)
         return self.add_variable(shape, dtype=dtype, name=name)
 
+    def load_own_variables(self, store):
+        """Sets the state from `store` (Keras's saving), by position.
+
+        Also reads what sm3_tf 0.1 saved, with one accumulator variable per
+        axis: each variable's axes are packed into its one accumulator.
+        Anything else Keras handles (a different count: a warning, nothing
+        loaded).
+        """
+        legacy = self._from_per_axis_layout(store)
+        if legacy is None:
+            super().load_own_variables(store)
+            return
+        for variable, value in zip(self.variables, legacy):
+            variable.assign(value)
+
+    def _from_per_axis_layout(self, store):
+        """`store` read as sm3_tf 0.1's layout, in this layout; None if it
+        is not that layout (or this layout is the same)."""
+        count = len(store.keys())
+        if not self.built or count == len(self.variables):
+            return None
+        slots = sum(a is not None for a in self._accumulators) + sum(
+            m is not None for m in self._momentums
+        )
+        head = len(self.variables) - slots
+        saved = [store[str(i)] for i in range(count)]
+        values, position = saved[:head], head
+        for variable, accumulator, momentum in zip(
+            self._trainable_variables, self._accumulators, self._momentums
+        ):
+            if accumulator is None:
+                continue
+            shape = _static_shape(variable)
+            axes = len(shape) if len(shape) > 1 else 1
+            parts = saved[position:position + axes]
+            position += axes
+            if len(parts) != axes:
+                return None
+            values.append(
+                parts[0] if axes == 1 else np.concatenate(
+                    [np.reshape(p, (-1,)) for p in parts])
+            )
+            if momentum is not None:
+                values.append(saved[position] if position < count else None)
+                position += 1
+        if position != count or any(
+            value is None or tuple(np.shape(value)) != _static_shape(target)
+            for value, target in zip(values, self.variables)
+        ):
+            return None
+        return values
+
+    def accumulator_for(self, variable):
+        """The accumulator variable of a model variable (None if it has none:
+        zero-size variables). Rank >= 2: its per-axis vectors end to end."""
+        return self._accumulators[self._get_variable_index(variable)]
+
     def accumulators_for(self, variable):
-        """The accumulator variables of a model variable (for inspection)."""
-        return list(self._accumulators[self._get_variable_index(variable)] or [])
+        """A model variable's accumulators as values, one per axis (rank >= 2)
+        or one of the variable's shape (rank <= 1); for inspection."""
+        accumulator = self.accumulator_for(variable)
+        if accumulator is None:
+            return []
+        return rule.unpack(
+            ops.convert_to_tensor(accumulator), _static_shape(variable)
+        )
 
     def momentum_for(self, variable):
         """The momentum variable of a model variable, or None."""
@@ -235,8 +299,8 @@ class SM3(keras.optimizers.Optimizer):
     def update_step(self, gradient, variable, learning_rate):
         """Applies one SM3 step to `variable`."""
         index = self._get_variable_index(variable)
-        accumulators = self._accumulators[index]
-        if accumulators is None:  # a zero-size variable: nothing to do
+        accumulator = self._accumulators[index]
+        if accumulator is None:  # a zero-size variable: nothing to do
             return
         momentum = self._momentums[index]
         if _is_tensorflow():
@@ -250,34 +314,34 @@ class SM3(keras.optimizers.Optimizer):
                     gradient = sparse.densify(gradient)
                 else:
                     sparse.sparse_step(
-                        self, gradient, variable, accumulators, momentum,
+                        self, gradient, variable, accumulator, momentum,
                         learning_rate,
                     )
                     return
             tf_compile.dense_update(
-                self, gradient, variable, accumulators, momentum,
+                self, gradient, variable, accumulator, momentum,
                 learning_rate,
             )
             return
         self._dense_update(
-            gradient, variable, accumulators, momentum, learning_rate
+            gradient, variable, accumulator, momentum, learning_rate
         )
 
     def _dense_update(
-        self, gradient, variable, accumulators, momentum, learning_rate
+        self, gradient, variable, accumulator, momentum, learning_rate
     ):
         """The dense rule on one variable and its state (any backend)."""
         grad = ops.cast(gradient, _compute_dtype(variable.dtype))
+        shape = _static_shape(variable)
         update, new_accumulators = rule.dense_step(
             grad,
-            [ops.convert_to_tensor(a) for a in accumulators],
+            rule.unpack(ops.convert_to_tensor(accumulator), shape),
             self.beta2,
             self.epsilon,
             blocks=_reduction_blocks(variable),
             split_fold_reductions=_split_fold_reductions(),
         )
-        for acc, value in zip(accumulators, new_accumulators):
-            self.assign(acc, value)
+        self.assign(accumulator, rule.pack(new_accumulators, shape))
         self._apply_update(variable, momentum, update, learning_rate)
 
     def _apply_update(self, variable, momentum, update, learning_rate):

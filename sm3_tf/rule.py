@@ -20,6 +20,22 @@ def broadcast_shape(rank, axis, size):
     return shape
 
 
+def unpack(accumulator, shape):
+    """The per-axis accumulators of a rank >= 2 variable of `shape`, from the
+    one vector that stores them end to end (axis 0 first)."""
+    if len(shape) <= 1:
+        return [accumulator]
+    starts = [sum(shape[:axis]) for axis in range(1, len(shape))]
+    return ops.split(accumulator, starts)
+
+
+def pack(accumulators, shape):
+    """`unpack`'s inverse: the per-axis accumulators end to end."""
+    if len(shape) <= 1:
+        return accumulators[0]
+    return ops.concatenate(accumulators)
+
+
 def min_of_accumulators(accumulators, leading=None):
     """The SM3 estimate `prev`: elementwise min of the per-axis accumulators.
 

@@ -80,7 +80,7 @@ def _broadcast_rows(vector, rank):
     return tf.reshape(vector, [-1] + [1] * (rank - 1))
 
 
-def sparse_step(optimizer, gradient, variable, accumulators, momentum,
+def sparse_step(optimizer, gradient, variable, accumulator, momentum,
                 learning_rate):
     """Applies one exact sparse SM3 step (beta2 == 1) to `variable`.
 
@@ -88,13 +88,14 @@ def sparse_step(optimizer, gradient, variable, accumulators, momentum,
       optimizer: the `SM3` instance (for its hyperparameters).
       gradient: a `tf.IndexedSlices` over axis 0 of `variable`.
       variable: the model variable (Keras or tf variable).
-      accumulators: its accumulator variables, as `SM3.build` made them.
+      accumulator: its accumulator variable, as `SM3.build` made it (rank
+        >= 2: the per-axis vectors end to end, axis 0 first).
       momentum: its momentum variable, or None.
       learning_rate: the current learning rate.
     """
     var = _tf_variable(variable)
-    accs = [_tf_variable(a) for a in accumulators]
-    compute_dtype = accs[0].dtype
+    acc = _tf_variable(accumulator)
+    compute_dtype = acc.dtype
     rank = len(var.shape)
     indices = tf.cast(gradient.indices, tf.int32)
     values = tf.cast(gradient.values, compute_dtype)
@@ -106,21 +107,24 @@ def sparse_step(optimizer, gradient, variable, accumulators, momentum,
         first = None
 
     if rank == 1:
-        nu = rule.second_moment(tf.gather(accs[0], indices), grad, 1.0)
-        accs[0].scatter_max(tf.IndexedSlices(nu, indices))
+        nu = rule.second_moment(tf.gather(acc, indices), grad, 1.0)
+        acc.scatter_max(tf.IndexedSlices(nu, indices))
     else:
-        touched = tf.gather(accs[0], indices)
+        # Axis 0's vector comes first in the accumulator: a row's entry is
+        # at the row's index. The other axes' follow, whole.
+        shape = var.shape.as_list()
         prev = rule.min_of_accumulators(
-            [tf.convert_to_tensor(a) for a in accs], leading=touched
+            rule.unpack(tf.convert_to_tensor(acc), shape),
+            leading=tf.gather(acc, indices),
         )
         # Products rounded as in the dense rule, so that the passes over
         # `nu` agree to the bit (`rule._rounded`).
         nu = rule.second_moment(prev, grad, 1.0, rounded_products=True)
         maxima = rule.max_over_all_axes_but_each(nu)
-        accs[0].scatter_max(tf.IndexedSlices(maxima[0], indices))
-        for acc, touched_max in zip(accs[1:], maxima[1:]):
-            # An empty slice reduces to 0, which leaves acc unchanged.
-            acc.assign(tf.maximum(acc, touched_max))
+        acc.scatter_max(tf.IndexedSlices(maxima[0], indices))
+        # An empty slice reduces to 0, which leaves the entry unchanged.
+        acc.scatter_max(tf.IndexedSlices(
+            tf.concat(maxima[1:], 0), tf.range(shape[0], sum(shape))))
     update = rule.preconditioned(grad, nu, optimizer.epsilon)
     if first is not None:
         update = update * _broadcast_rows(first, rank)

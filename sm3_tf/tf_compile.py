@@ -78,7 +78,7 @@ def wait_for_all_gradients(optimizer, gradients):
     object.__setattr__(optimizer, "_sm3_gradients_ready", ready)
 
 
-def _update_in_xla(optimizer, gradient, variable, accumulators, momentum,
+def _update_in_xla(optimizer, gradient, variable, accumulator, momentum,
                    learning_rate):
     """The dense step traced into an XLA program: the CPU kernel where
     `SM3(cpu_kernel=True)` asks for it and it applies, else the rule."""
@@ -87,9 +87,9 @@ def _update_in_xla(optimizer, gradient, variable, accumulators, momentum,
 
         if cpu_kernel.applies(optimizer, gradient, variable):
             cpu_kernel.dense_update(optimizer, gradient, variable,
-                                    accumulators, momentum, learning_rate)
+                                    accumulator, momentum, learning_rate)
             return
-    optimizer._dense_update(gradient, variable, accumulators, momentum,
+    optimizer._dense_update(gradient, variable, accumulator, momentum,
                             learning_rate)
 
 
@@ -122,7 +122,7 @@ def _update_vectors(optimizer, group, learning_rate):
     cpu_kernel.vector_update(optimizer, group, learning_rate)
 
 
-def dense_update(optimizer, gradient, variable, accumulators, momentum,
+def dense_update(optimizer, gradient, variable, accumulator, momentum,
                  learning_rate):
     """`optimizer._dense_update(...)`, compiled with XLA where it can be."""
     group = optimizer.__dict__.get("_sm3_vector_group")
@@ -130,19 +130,19 @@ def dense_update(optimizer, gradient, variable, accumulators, momentum,
         from sm3_tf import cpu_kernel
 
         if cpu_kernel.applies_to_vector(optimizer, gradient, variable):
-            group.append((gradient, variable, accumulators[0], momentum))
+            group.append((gradient, variable, accumulator, momentum))
             return
     if in_xla_program():
-        _update_in_xla(optimizer, gradient, variable, accumulators, momentum,
+        _update_in_xla(optimizer, gradient, variable, accumulator, momentum,
                        learning_rate)
         return
     if not _single_replica():
-        optimizer._dense_update(gradient, variable, accumulators, momentum,
+        optimizer._dense_update(gradient, variable, accumulator, momentum,
                                 learning_rate)
         return
     _run_compiled(
         optimizer, "_sm3_compiled_dense_update", _update_in_xla,
-        (gradient, variable, accumulators, momentum, learning_rate),
+        (gradient, variable, accumulator, momentum, learning_rate),
         large=math.prod(variable.shape) >= ORDERED_MIN_SIZE)
 
 

@@ -45,6 +45,9 @@ def test_dense_rule_and_fit_on_backend(backend, module, blocks,
         # The folds stay in XLA's own loop: the step's temporaries are the
         # two folded tensors (1/8 of the matrix each). Reduced whole,
         # jaxlib's XLA wrote every slice out (twice the matrix), allocated
-        # and page-faulted anew at each step.
-        assert result["step_temp_fraction"] <= 0.25
+        # and page-faulted anew at each step. Beside the folds, at most an
+        # accumulator-sized buffer (1024 + 512 entries: the new per-axis
+        # maxima, packed end to end into the accumulator after).
+        assert result["step_temp_fraction"] <= 0.25 + (1024 + 512) / (
+            1024 * 512)
     assert result["losses"][-1] < result["losses"][0]

@@ -113,6 +113,53 @@ def test_tf_train_checkpoint_round_trip_continues_exactly(tmp_path):
     _assert_weights_close(_weights(fresh), _weights(model), atol=0)
 
 
+def test_loads_the_per_axis_layout_that_sm3_tf_0_1_saved():
+    # sm3_tf 0.1 kept one accumulator variable per axis; Keras files it
+    # saved load into the packed layout (one per variable).
+    variables = [
+        keras.Variable(np.zeros((4, 3, 2), np.float32), name="conv"),
+        keras.Variable(np.zeros((3,), np.float32), name="bias"),
+        keras.Variable(np.zeros((0, 3), np.float32), name="empty"),
+        keras.Variable(np.zeros((5, 2), np.float32), name="dense"),
+    ]
+    opt = SM3(momentum=0.9)
+    opt.build(variables)
+    rng = np.random.default_rng(0)
+
+    def draw(*shape):
+        return rng.random(shape).astype(np.float32)
+
+    conv_axes, dense_axes = [draw(4), draw(3), draw(2)], [draw(5), draw(2)]
+    conv_m, bias_acc, bias_m, dense_m = (
+        draw(4, 3, 2), draw(3), draw(3), draw(5, 2))
+    legacy = [np.int64(7), np.float32(0.25), *conv_axes, conv_m, bias_acc,
+              bias_m, *dense_axes, dense_m]
+    opt.load_own_variables({str(i): v for i, v in enumerate(legacy)})
+    assert int(opt.iterations.numpy()) == 7
+    for var, axes in [(variables[0], conv_axes), (variables[1], [bias_acc]),
+                      (variables[3], dense_axes)]:
+        for got, want in zip(opt.accumulators_for(var), axes, strict=True):
+            np.testing.assert_array_equal(got.numpy(), want)
+    for var, want in [(variables[0], conv_m), (variables[1], bias_m),
+                      (variables[3], dense_m)]:
+        np.testing.assert_array_equal(opt.momentum_for(var).numpy(), want)
+    # This layout round-trips as Keras saves it; a store that is neither
+    # loads nothing (Keras's warning).
+    store = {}
+    opt.save_own_variables(store)
+    again = SM3(momentum=0.9)
+    again.build(variables)
+    again.load_own_variables(store)
+    for a, b in zip(again.variables, opt.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    fresh = SM3(momentum=0.9)
+    fresh.build(variables)
+    with pytest.warns(UserWarning, match="Skipping variable loading"):
+        fresh.load_own_variables({str(i): v for i, v in
+                                  enumerate(legacy[:-1])})
+    assert int(fresh.iterations.numpy()) == 0
+
+
 # ----------------------------------------------------------------- mixed precision
 
 
@@ -274,10 +321,10 @@ def test_mirrored_strategy_two_replicas_matches_one_device():
         copies = strategy.experimental_local_results(v.value)
         assert len(copies) == 2
         np.testing.assert_array_equal(copies[0].numpy(), copies[1].numpy())
-    # The embedding's per-axis accumulators sit with the embedding.
+    # The embedding's accumulator sits with the embedding.
     emb = mirrored.layers[0].embeddings
-    acc0 = mirrored.optimizer.accumulators_for(emb)[0]
-    assert acc0.value.device == emb.value.device
+    acc = mirrored.optimizer.accumulator_for(emb)
+    assert acc.value.device == emb.value.device
 
 
 def test_plain_tf_variables_are_accepted_like_keras_variables():
@@ -289,8 +336,7 @@ def test_plain_tf_variables_are_accepted_like_keras_variables():
         b.apply_gradients([(tf.constant(G * (i + 1)), keras_var)])
     np.testing.assert_array_equal(tf_var.numpy(), keras_var.numpy())
     assert [v.name for v in a.variables[2:]] == [
-        "plain_0_accumulator_dim0", "plain_0_accumulator_dim1",
-        "plain_0_momentum"]
+        "plain_0_accumulator", "plain_0_momentum"]
 
 
 def test_rule_is_traced_into_an_enclosing_xla_program():

@@ -69,6 +69,7 @@ def test_worked_example():
     _run(opt, [var], [np.float32([[1, 0], [0, 1]])], 1)
     u = np.float32([[1 / np.sqrt(5), 0], [0, 1 / np.sqrt(17)]])
     np.testing.assert_allclose(var.numpy(), -1 - u, rtol=1e-6)
+    acc0, acc1 = opt.accumulators_for(var)  # values: read them again
     np.testing.assert_array_equal(acc0.numpy(), [5, 17])
     np.testing.assert_array_equal(acc1.numpy(), [9, 17])
     assert opt.momentum_for(var) is None
@@ -196,13 +197,13 @@ def test_slot_layout_order_and_names_are_deterministic():
     names = [v.name for v in opt.variables]
     assert names == [
         "iteration", "learning_rate",
-        "conv_accumulator_dim0", "conv_accumulator_dim1",
-        "conv_accumulator_dim2", "conv_momentum",
+        "conv_accumulator", "conv_momentum",
         "bias_accumulator", "bias_momentum",
         "scale_accumulator", "scale_momentum",
     ]
     shapes = [tuple(v.shape) for v in opt.variables[2:]]
-    assert shapes == [(4,), (3,), (2,), (4, 3, 2), (3,), (3,), (), ()]
+    # The conv's per-axis vectors end to end: 4 + 3 + 2 entries.
+    assert shapes == [(9,), (4, 3, 2), (3,), (3,), (), ()]
     no_momentum = SM3(momentum=0.0)
     no_momentum.build(variables)
     assert not any("momentum" in v.name for v in no_momentum.variables)

@@ -3,14 +3,14 @@
 // sm3_tf.cpu_kernel loads this library. Typed FFI: a C ABI, no XLA C++
 // types cross it; work is shared with XLA's own intra-op thread pool.
 //
-//   sm3_tf_step: (g, w, lr, acc_0, ..., acc_{rank-1}[, m])
-//             -> (w', acc'_0, ..., acc'_{rank-1}[, m'])
+//   sm3_tf_step: (g, w, lr, acc[, m]) -> (w', acc'[, m'])
 // for a variable of rank >= 2 seen as a (rows, cols) matrix: rows the
 // product of its first `lead` axes, cols of the rest (sm3_tf.rule's view);
-// acc_a has the length of axis a. Attributes: rank, lead (i64), mu, eps
-// (f32). sm3_tf declares every result over its operand
+// acc holds one vector per axis end to end (axis 0 first, dims[a] entries
+// each). Attributes: dims (i64 array: the variable's shape), lead (i64),
+// mu, eps (f32). sm3_tf declares every result over its operand
 // (output_operand_aliases): each entry of w and m is read before it is
-// written, and the accumulators are read whole before any is written.
+// written, and acc is read whole before any of it is written.
 //
 //   sm3_tf_vectors: (lr, g_0, w_0, acc_0[, m_0], g_1, ...)
 //                -> (w'_0, acc'_0[, m'_0], w'_1, ...)
@@ -121,39 +121,37 @@ void MaxOverEachAxis(const float* maxima, const std::vector<long>& dims, long n,
   });
 }
 
-ffi::Error Step(ffi::ThreadPool pool, F32 g, F32 w, F32 lr, ffi::RemainingArgs args,
-                F32Out w_out, ffi::RemainingRets rets, int64_t rank, int64_t lead,
+ffi::Error Step(ffi::ThreadPool pool, F32 g, F32 w, F32 lr, F32 acc_in,
+                ffi::RemainingArgs args, F32Out w_out, F32Out acc_out_buffer,
+                ffi::RemainingRets rets, ffi::Span<const int64_t> dims, int64_t lead,
                 float mu, float eps) {
   const long n = static_cast<long>(g.element_count());
-  const bool has_m = static_cast<long>(args.size()) == rank + 1;
-  if (rank < 2 || lead < 1 || lead >= rank ||
-      (!has_m && static_cast<long>(args.size()) != rank) || rets.size() != args.size())
-    return ffi::Error::InvalidArgument("sm3_tf_step: operands do not match rank and lead");
+  const long rank = static_cast<long>(dims.size());
+  const bool has_m = args.size() == 1;
+  if (rank < 2 || lead < 1 || lead >= rank || args.size() > 1 || rets.size() != args.size())
+    return ffi::Error::InvalidArgument("sm3_tf_step: operands do not match dims and lead");
   if (static_cast<long>(w.element_count()) != n || static_cast<long>(w_out->element_count()) != n)
     return ffi::Error::InvalidArgument("sm3_tf_step: g, w and w' differ in size");
   std::vector<const float*> acc(rank);
   std::vector<float*> acc_out(rank);
   std::vector<long> lead_dims, trail_dims;
-  long rows = 1, cols = 1;
+  long rows = 1, cols = 1, offset = 0;
   for (long a = 0; a < rank; ++a) {
-    auto in = args.get<F32>(a);
-    auto out = rets.get<F32>(a);
-    if (in.has_error() || out.has_error() ||
-        in.value().element_count() != out.value()->element_count())
-      return ffi::Error::InvalidArgument("sm3_tf_step: accumulators must be f32 vectors");
-    const long d = static_cast<long>(in.value().element_count());
-    acc[a] = in.value().typed_data();
-    acc_out[a] = out.value()->typed_data();
+    const long d = static_cast<long>(dims[a]);
+    acc[a] = acc_in.typed_data() + offset;
+    acc_out[a] = acc_out_buffer->typed_data() + offset;
+    offset += d;
     (a < lead ? lead_dims : trail_dims).push_back(d);
     (a < lead ? rows : cols) *= d;
   }
-  if (rows * cols != n)
-    return ffi::Error::InvalidArgument("sm3_tf_step: accumulators do not match g's shape");
+  if (rows * cols != n || static_cast<long>(acc_in.element_count()) != offset ||
+      static_cast<long>(acc_out_buffer->element_count()) != offset)
+    return ffi::Error::InvalidArgument("sm3_tf_step: dims do not match g and acc");
   const float* m = nullptr;
   float* m_out = nullptr;
   if (has_m) {
-    auto m_arg = args.get<F32>(rank);
-    auto m_ret = rets.get<F32>(rank);
+    auto m_arg = args.get<F32>(0);
+    auto m_ret = rets.get<F32>(0);
     if (m_arg.has_error() || m_ret.has_error() ||
         static_cast<long>(m_arg.value().element_count()) != n ||
         static_cast<long>(m_ret.value()->element_count()) != n)
@@ -247,10 +245,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Sm3StepHandler, Step,
                                   .Arg<F32>()
                                   .Arg<F32>()
                                   .Arg<F32>()
+                                  .Arg<F32>()
                                   .RemainingArgs()
                                   .Ret<F32>()
+                                  .Ret<F32>()
                                   .RemainingRets()
-                                  .Attr<int64_t>("rank")
+                                  .Attr<ffi::Span<const int64_t>>("dims")
                                   .Attr<int64_t>("lead")
                                   .Attr<float>("mu")
                                   .Attr<float>("eps"));
@@ -260,4 +260,4 @@ XLA_FFI_REGISTER_HANDLER(xla::ffi::GetXlaFfiApi(), "sm3_tf_step", "Host",
 
 // For sm3_tf.cpu_kernel: this library's ABI version; a mismatch means a
 // stale build.
-extern "C" int sm3_tf_native_version() { return 3; }
+extern "C" int sm3_tf_native_version() { return 4; }
