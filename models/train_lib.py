@@ -66,6 +66,11 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_float("momentum", 0.9, "SM3's (and SGD's) momentum, in [0, 1).", **fv)
     flags.DEFINE_float("beta2", 1.0, "SM3's beta2, in (0, 1]; 1 is the running sum.", **fv)
     flags.DEFINE_float("epsilon", 1e-30, "SM3's epsilon, >= 0.", **fv)
+    flags.DEFINE_boolean(
+        "sm3_cpu_kernel", False,
+        "SM3's cpu_kernel: each matrix's step as one AVX-512 pass on the CPU "
+        "(TensorFlow; built with the C++ compiler at first use; SM3 logs why "
+        "and keeps its portable path where it cannot run).", **fv)
     flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (Keras's), >= 0.", **fv)
     flags.DEFINE_float("clipnorm", 0.0, "Clip each gradient to this norm; 0: off.", **fv)
     flags.DEFINE_integer(
@@ -145,6 +150,7 @@ class RunConfig:
     momentum: float
     beta2: float
     epsilon: float
+    sm3_cpu_kernel: bool
     weight_decay: float
     clipnorm: float
     warmup_steps: int
@@ -243,6 +249,9 @@ def config_from_flags(fv):
         raise _bad("cooldown_steps", "is SM3's schedule; the other optimizers "
                    "decay with a cosine. Leave it 0 with "
                    f"--optimizer={config.optimizer}.")
+    if config.sm3_cpu_kernel and config.optimizer != "sm3":
+        raise _bad("sm3_cpu_kernel", "is an SM3 argument; drop it with "
+                   f"--optimizer={config.optimizer}.")
     if config.warmup_steps + config.cooldown_steps > config.train_steps:
         raise _bad("cooldown_steps", "warm-up plus cool-down must fit in "
                    f"--train_steps={config.train_steps}.")
@@ -307,6 +316,7 @@ def run(config):
                 warmup_steps=config.warmup_steps,
                 cooldown_steps=config.cooldown_steps, momentum=config.momentum,
                 beta2=config.beta2, epsilon=config.epsilon,
+                sm3_cpu_kernel=config.sm3_cpu_kernel,
                 weight_decay=config.weight_decay, clipnorm=config.clipnorm,
                 mixed_float16=config.mixed_precision == "mixed_float16")
 

@@ -8,7 +8,9 @@ elementwise loop), which keeps a compiled step at 1.5-2x SGD with momentum
 in one AVX-512 pass; `native/sm3_xla_cpu.cc` makes it an XLA FFI handler
 that runs on XLA's own threads, and `dense_update` calls it inside the
 compiled step through `XlaCallModule`, declaring that it writes the
-variable, its accumulators and its momentum in place.
+variable, its accumulator and its momentum in place. A step's vectors
+(biases, normalization parameters: two small XLA loops each otherwise) go
+together through one more call, `vector_update`.
 
 Opt in with `SM3(cpu_kernel=True)`. At first use the handler is compiled
 with the C++ compiler (`$CXX`, else `g++`) against TensorFlow's own headers
@@ -16,7 +18,8 @@ into a cache (`$SM3_TF_CACHE`, else `~/.cache/sm3_tf`), then loaded. Where
 that cannot be done (no AVX-512F, no compiler, a GPU or TPU in the
 process), SM3 logs why once and takes its portable path; where the rule
 differs from what the kernel does (`beta2 < 1`, dtypes other than float32,
-vectors), that variable takes the portable path. Either way the numbers
+vectors over `VECTOR_GROUP_MAX_SIZE`), that variable takes the portable
+path. Either way the numbers
 are SM3's: the kernel rounds as the NumPy reference does.
 """
 

@@ -64,8 +64,9 @@ class SM3(keras.optimizers.Optimizer):
         cpu_kernel: Boolean (TensorFlow backend). `True` runs the dense
             step of each float32 matrix (rank >= 2) as one hand-written
             AVX-512 pass inside the XLA program, which reads the gradient
-            once where XLA:CPU reads it three times: about the speed of
-            SGD with momentum (docs/performance.md). Built with the system's
+            once where XLA:CPU reads it three times, and the step's vectors
+            together in one more call: about the speed of SGD with
+            momentum (docs/performance.md). Built with the system's
             C++ compiler at first use and cached; where the CPU, compiler or
             device does not allow it, SM3 logs why once and takes its
             portable path. Same rule, rounded as the NumPy reference rounds

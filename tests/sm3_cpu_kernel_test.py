@@ -41,6 +41,24 @@ def _step_function(opt, var, mode):
     return step
 
 
+def _gradient(draw, rng, shape):
+    """A normal gradient, all zeros, or mostly exact zeros (nu == 0 entries
+    get u = 0)."""
+    kind = draw(st.sampled_from(["normal", "normal", "zero", "sparse"]))
+    g = rng.normal(size=shape).astype(np.float32)
+    if kind == "zero":
+        return np.zeros(shape, np.float32)
+    if kind == "sparse":
+        return np.where(rng.random(shape) < 0.7, 0, g).astype(np.float32)
+    return g
+
+
+def _settings(draw):
+    return dict(momentum=draw(st.sampled_from([0.0, 0.9, 0.5])),
+                epsilon=draw(st.sampled_from([0.0, 1e-30, 1e-3])),
+                mode=draw(st.sampled_from(["xla", "function", "eager"])))
+
+
 @st.composite
 def problems(draw):
     rank = draw(st.integers(2, 4))
@@ -48,20 +66,10 @@ def problems(draw):
     shape = tuple(draw(st.integers(1, 40)) for _ in range(rank))
     seed = draw(st.integers(0, 2**31 - 1))
     rng = np.random.default_rng(seed)
-    grads = []
-    for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["normal", "normal", "zero", "sparse"]))
-        g = rng.normal(size=shape).astype(np.float32)
-        if kind == "zero":
-            g = np.zeros(shape, np.float32)
-        elif kind == "sparse":  # exact zeros: nu == 0 entries, u = 0
-            g = np.where(rng.random(shape) < 0.7, 0, g).astype(np.float32)
-        grads.append(g)
-    return dict(
-        shape=shape, var=rng.normal(size=shape).astype(np.float32),
-        grads=grads, momentum=draw(st.sampled_from([0.0, 0.9, 0.5])),
-        epsilon=draw(st.sampled_from([0.0, 1e-30, 1e-3])),
-        mode=draw(st.sampled_from(["xla", "function", "eager"])))
+    grads = [_gradient(draw, rng, shape)
+             for _ in range(draw(st.integers(1, 3)))]
+    return dict(shape=shape, var=rng.normal(size=shape).astype(np.float32),
+                grads=grads, **_settings(draw))
 
 
 @settings(max_examples=60, deadline=None,
@@ -101,25 +109,12 @@ def vector_problems(draw):
         st.one_of(st.just(()), st.tuples(st.integers(1, 40))),
         min_size=1, max_size=4))
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
-    steps = []
-    for _ in range(draw(st.integers(1, 3))):
-        grads = []
-        for shape in shapes:
-            kind = draw(st.sampled_from(["normal", "normal", "zero",
-                                         "sparse"]))
-            g = rng.normal(size=shape).astype(np.float32)
-            if kind == "zero":
-                g = np.zeros(shape, np.float32)
-            elif kind == "sparse":
-                g = np.where(rng.random(shape) < 0.7, 0, g).astype(np.float32)
-            grads.append(g)
-        steps.append(grads)
+    steps = [[_gradient(draw, rng, shape) for shape in shapes]
+             for _ in range(draw(st.integers(1, 3)))]
     return dict(
         shapes=shapes,
         values=[rng.normal(size=s).astype(np.float32) for s in shapes],
-        steps=steps, momentum=draw(st.sampled_from([0.0, 0.9, 0.5])),
-        epsilon=draw(st.sampled_from([0.0, 1e-30, 1e-3])),
-        mode=draw(st.sampled_from(["xla", "function", "eager"])))
+        steps=steps, **_settings(draw))
 
 
 @settings(max_examples=40, deadline=None,

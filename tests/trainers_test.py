@@ -49,6 +49,7 @@ def read_metrics(model_dir):
     (["--train_steps=0"], "train_steps"),
     (["--warmup_steps=10", "--train_steps=5"], "warmup_steps"),
     (["--optimizer=adam", "--cooldown_steps=3"], "cooldown_steps"),
+    (["--optimizer=adam", "--sm3_cpu_kernel"], "sm3_cpu_kernel"),
     (["--dataset=wmt14_en_de"], "dataset"),
     (["--model=transformer", "--dataset=digits"], "dataset"),
     (["--resnet_depth=20"], "resnet_depth"),
@@ -82,6 +83,16 @@ def test_defaults_are_the_offline_jobs():
     transformer = train_lib.config_from_flags(
         train_lib.parse_flags(["--model=transformer"]))
     assert transformer.dataset == "pydoc_reverse"
+
+
+def test_sm3_cpu_kernel_flag_reaches_the_optimizer():
+    config = train_lib.config_from_flags(
+        train_lib.parse_flags(["--sm3_cpu_kernel"]))
+    assert config.sm3_cpu_kernel is True
+    optimizer = optimizers.build_optimizer(
+        "sm3", 0.1, train_steps=10, sm3_cpu_kernel=config.sm3_cpu_kernel)
+    assert optimizer.cpu_kernel is True
+    assert optimizers.build_optimizer("sm3", 0.1, 10).cpu_kernel is False
 
 
 @pytest.mark.parametrize("name", optimizers.OPTIMIZERS)
@@ -190,10 +201,16 @@ def test_mirrored_strategy_on_two_cpu_devices(tmp_path):
     np.testing.assert_array_equal(replicas[0].numpy(), replicas[1].numpy())
 
 
-def test_transformer_on_the_offline_task_under_xla(tmp_path):
+@pytest.mark.parametrize("cpu_kernel", [False, True])
+def test_transformer_on_the_offline_task_under_xla(tmp_path, cpu_kernel):
+    from sm3_tf import cpu_kernel as kernel
+
+    if cpu_kernel and kernel.unavailable_reason() is not None:
+        pytest.skip(f"CPU kernel unavailable: {kernel.unavailable_reason()}")
     result = run(tmp_path, "--model=transformer", "--transformer_size=tiny",
                  "--jit_compile", "--train_steps=4", "--batch_size=8",
-                 "--steps_per_loop=2", "--eval_steps=1", "--beam_size=1")
+                 "--steps_per_loop=2", "--eval_steps=1", "--beam_size=1",
+                 *(["--sm3_cpu_kernel"] if cpu_kernel else []))
     assert result["step"] == 4 and math.isfinite(result["loss"])
     assert result["eval_sentences"] == 8
 
@@ -205,6 +222,20 @@ def test_mixed_precision(tmp_path, precision):
                  "--eval_steps=1")
     assert math.isfinite(result["loss"])
     assert result["model"].layers[1].compute_dtype == precision.split("_")[1]
+
+
+def test_checkpoint_of_another_optimizer_layout_fails_naming_model_dir(tmp_path):
+    # SM3 without momentum keeps fewer variables: the checkpoint's do not
+    # fit (as sm3_tf 0.1's per-axis accumulators do not fit 0.2's).
+    common = [*TINY_RESNET, "--batch_size=8", "--steps_per_loop=1",
+              "--final_eval=false"]
+    run(tmp_path, *common, "--train_steps=2", "--checkpoint_every=1")
+    latest = tf.train.latest_checkpoint(str(tmp_path))
+    files = sorted(os.listdir(tmp_path))
+    with pytest.raises(ValueError, match="--model_dir=.*new --model_dir"):
+        run(tmp_path, *common, "--train_steps=4", "--momentum=0")
+    assert tf.train.latest_checkpoint(str(tmp_path)) == latest
+    assert sorted(os.listdir(tmp_path)) == files
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

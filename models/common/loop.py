@@ -146,11 +146,23 @@ def train(task, strategy, optimizer_fn, config):
     # It replaces the SIGTERM handler; the old one comes back at the end, for
     # callers (tests) that run the loop in-process.
     sigterm_handler = signal.getsignal(signal.SIGTERM)
-    preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
-        getattr(strategy, "cluster_resolver", None), checkpoint,
-        checkpoint_dir=model_dir,
-        termination_config=tf.distribute.experimental.TerminationConfig(
-            exit_fn=exit_after_preemption_save))
+    try:
+        preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
+            getattr(strategy, "cluster_resolver", None), checkpoint,
+            checkpoint_dir=model_dir,
+            termination_config=tf.distribute.experimental.TerminationConfig(
+                exit_fn=exit_after_preemption_save))
+    except ValueError as e:  # a variable's shape differs: nothing is written
+        signal.signal(signal.SIGTERM, sigterm_handler)
+        latest = tf.train.latest_checkpoint(model_dir)
+        if latest is None:
+            raise
+        raise ValueError(
+            f"--model_dir={model_dir}: its checkpoint {latest} does not fit "
+            f"this model and optimizer ({e}). It was written with other "
+            "flags (model size, optimizer, --momentum) or by sm3_tf 0.1, "
+            "which kept one accumulator variable per axis. Resume with the "
+            "flags it was written with, or start in a new --model_dir.") from e
     start_step = int(step.numpy())
     if start_step:
         logging.info("Resumed %s from %s at step %d.", task.name,

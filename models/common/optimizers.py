@@ -36,11 +36,13 @@ def build_schedule(optimizer_name, learning_rate, train_steps, warmup_steps,
 
 def build_optimizer(name, learning_rate, train_steps, warmup_steps=0,
                     cooldown_steps=0, momentum=0.9, beta2=1.0, epsilon=1e-30,
-                    weight_decay=None, clipnorm=None, mixed_float16=False):
+                    sm3_cpu_kernel=False, weight_decay=None, clipnorm=None,
+                    mixed_float16=False):
     """Returns the Keras optimizer `name` (one of OPTIMIZERS).
 
-    `momentum`, `beta2` and `epsilon` are SM3's arguments (momentum is also
-    SGD's); the other optimizers keep Keras's defaults for theirs.
+    `momentum`, `beta2`, `epsilon` and `sm3_cpu_kernel` (`cpu_kernel`) are
+    SM3's arguments (momentum is also SGD's); the other optimizers keep
+    Keras's defaults for theirs.
     `mixed_float16` wraps the optimizer in a `LossScaleOptimizer`, which
     float16 gradients need to stay representable.
     """
@@ -52,7 +54,8 @@ def build_optimizer(name, learning_rate, train_steps, warmup_steps=0,
     common = dict(weight_decay=weight_decay or None, clipnorm=clipnorm or None)
     if name == "sm3":
         optimizer = sm3_tf.SM3(schedule, momentum=momentum, beta2=beta2,
-                               epsilon=epsilon, **common)
+                               epsilon=epsilon, cpu_kernel=sm3_cpu_kernel,
+                               **common)
     elif name == "adam":
         optimizer = keras.optimizers.Adam(schedule, **common)
     elif name == "adagrad":
