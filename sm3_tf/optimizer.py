@@ -152,7 +152,6 @@ class SM3(keras.optimizers.Optimizer):
         (docs/performance.md). Keras saves optimizer variables by position, so
         this order is part of the checkpoint format; `load_own_variables`
         also reads the layout of sm3_tf 0.1, one variable per axis.
-        order is part of the checkpoint format.
         """
         if self.built:
             return

@@ -98,9 +98,9 @@ def vectors_grouped(optimizer, distribution, learning_rate):
     """Inside it, `dense_update` holds back the vectors the CPU kernel takes;
     on leaving, they are stepped together, in one call (`cpu_kernel`).
 
-    Wraps the loop over a step's variables (`SM3._distributed_tf_update_
-    step`). Where the kernel is off or there are several replicas, every
-    variable is stepped on its own, as before.
+    Wraps the loop over a step's variables
+    (`SM3._distributed_tf_update_step`). Where the kernel is off or there
+    are several replicas, every variable is stepped on its own.
     """
     if not optimizer.cpu_kernel or distribution.num_replicas_in_sync != 1:
         yield
