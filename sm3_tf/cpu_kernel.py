@@ -259,6 +259,15 @@ def _tensor_type(shape):
     return "tensor<" + "".join(f"{d}x" for d in shape) + "f32>"
 
 
+def _attribute(name, value, kind):
+    """One entry of a custom call's `backend_config`, in MLIR syntax."""
+    if kind == "i64 array":
+        return f"{name} = array<i64: {', '.join(map(str, value))}>"
+    if kind == "i64":
+        return f"{name} = {value} : i64"
+    return f"{name} = {value:.9e} : f32"
+
+
 def _call(target, operands, operand_types, results, attributes):
     """The handler `target` on `operands` as a StableHLO module.
 
@@ -271,14 +280,7 @@ def _call(target, operands, operand_types, results, attributes):
 
     n = len(results)
     result_types = ", ".join(t for t, _ in results)
-    def attribute(name, value, kind):
-        if kind == "i64 array":
-            return f"{name} = array<i64: {', '.join(map(str, value))}>"
-        if kind == "i64":
-            return f"{name} = {value} : i64"
-        return f"{name} = {value:.9e} : f32"
-
-    config = ", ".join(attribute(name, value, kind)
+    config = ", ".join(_attribute(name, value, kind)
                        for name, (value, kind) in attributes.items())
     aliases = ", ".join(
         "#stablehlo.output_operand_alias<output_tuple_indices = "

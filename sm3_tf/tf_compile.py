@@ -132,11 +132,7 @@ def dense_update(optimizer, gradient, variable, accumulator, momentum,
         if cpu_kernel.applies_to_vector(optimizer, gradient, variable):
             group.append((gradient, variable, accumulator, momentum))
             return
-    if in_xla_program():
-        _update_in_xla(optimizer, gradient, variable, accumulator, momentum,
-                       learning_rate)
-        return
-    if not _single_replica():
+    if not in_xla_program() and not _single_replica():
         optimizer._dense_update(gradient, variable, accumulator, momentum,
                                 learning_rate)
         return

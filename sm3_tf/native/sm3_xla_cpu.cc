@@ -186,9 +186,9 @@ ffi::Error Step(ffi::ThreadPool pool, F32 g, F32 w, F32 lr, F32 acc_in,
   return ffi::Error::Success();
 }
 
-// All of a step's small vectors in one call: XLA:CPU would run two loops
-// for each (the accumulator and the update), and on a ResNet's 160 biases
-// and normalization parameters the loops' fixed cost is most of the time.
+// All of a step's small vectors in one call, where XLA:CPU would run two
+// loops for each (the accumulator and the update): ResNet-50's 160 biases
+// and normalization parameters (docs/performance.md, item 11).
 // Operands lr, then (g, w, acc[, m]) per vector; results (w', acc'[, m'])
 // per vector, each over its operand. On the calling thread: the vectors
 // are small (sm3_tf groups those under 1 MiB).
