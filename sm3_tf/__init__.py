@@ -10,6 +10,6 @@ from sm3_tf import schedules
 from sm3_tf.optimizer import SM3
 from sm3_tf.schedules import QuadraticWarmup
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["SM3", "QuadraticWarmup", "memory", "schedules", "__version__"]

@@ -10,17 +10,17 @@ that runs on XLA's own threads, and `dense_update` calls it inside the
 compiled step through `XlaCallModule`, declaring that it writes the
 variable, its accumulator and its momentum in place. A step's vectors
 (biases, normalization parameters: two small XLA loops each otherwise) go
-together through one more call, `vector_update`.
+together through one more call, `vector_update`, with the one
+`vector_accumulator` they share.
 
 Opt in with `SM3(cpu_kernel=True)`. At first use the handler is compiled
 with the C++ compiler (`$CXX`, else `g++`) against TensorFlow's own headers
 into a cache (`$SM3_TF_CACHE`, else `~/.cache/sm3_tf`), then loaded. Where
 that cannot be done (no AVX-512F, no compiler, a GPU or TPU in the
 process), SM3 logs why once and takes its portable path; where the rule
-differs from what the kernel does (`beta2 < 1`, dtypes other than float32,
-vectors over `VECTOR_GROUP_MAX_SIZE`), that variable takes the portable
-path. Either way the numbers
-are SM3's: the kernel rounds as the NumPy reference does.
+differs from what the kernel does (`beta2 < 1`, dtypes other than float32),
+that variable (or group of vectors) takes the portable path. Either way the
+numbers are SM3's: the kernel rounds as the NumPy reference does.
 """
 
 import ctypes
@@ -40,7 +40,7 @@ from sm3_tf import rule
 
 _NATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 _SOURCES = ("sm3_kernel.h", "sm3_xla_cpu.cc")
-_NATIVE_VERSION = 4  # sm3_tf_native_version() of a current build
+_NATIVE_VERSION = 5  # sm3_tf_native_version() of a current build
 _FLAGS = ("-O3", "-mavx512f", "-ffp-contract=off", "-fno-math-errno",
           "-std=c++17", "-shared", "-fPIC")
 
@@ -139,12 +139,6 @@ def _load():
     _libraries.append(native)  # kept for the life of the process
 
 
-# Vectors (rank <= 1) up to this many entries (1 MiB of float32) are stepped
-# together, in one call per step (`vector_update`); a larger one takes the
-# portable path, whose loop XLA runs on several threads.
-VECTOR_GROUP_MAX_SIZE = 1 << 18
-
-
 def _rule_fits(optimizer, gradient, variable):
     """The rule and dtypes the kernels compute: SM3's running sum, float32."""
     shape = tuple(variable.shape)
@@ -177,11 +171,12 @@ def applies(optimizer, gradient, variable):
             and _rule_fits(optimizer, gradient, variable) and _available())
 
 
-def applies_to_vector(optimizer, gradient, variable):
-    """Whether `variable` (rank <= 1) joins its step's `vector_update`."""
-    return (len(variable.shape) <= 1
-            and _rule_fits(optimizer, gradient, variable)
-            and math.prod(variable.shape) <= VECTOR_GROUP_MAX_SIZE
+def applies_to_vectors(optimizer, accumulator, items):
+    """Whether the scalars and vectors `items` (as `SM3._step_vectors` takes
+    them) that share `accumulator` are stepped as `vector_update`."""
+    return (accumulator.dtype == tf.float32
+            and all(_rule_fits(optimizer, gradient, variable)
+                    for gradient, variable, _, _ in items)
             and _available())
 
 
@@ -218,24 +213,32 @@ def dense_update(optimizer, gradient, variable, accumulator, momentum,
         optimizer.assign(momentum, tf.reshape(values[2], shape))
 
 
-def vector_update(optimizer, vectors, learning_rate):
-    """One SM3 step of several vectors (rank <= 1) in one call, in XLA.
+def vector_update(optimizer, accumulator, items, learning_rate):
+    """One SM3 step of scalars and vectors in one call, in XLA.
 
     Args:
         optimizer: the SM3 optimizer.
-        vectors: `(gradient, variable, accumulator, momentum)` per vector,
-            `momentum` None for all or for none.
+        accumulator: the `vector_accumulator` they share.
+        items: `(gradient, variable, offset, momentum)` per variable, its
+            entries from `offset` on in `accumulator`; `momentum` None for
+            all or for none.
         learning_rate: this step's learning rate.
     """
-    has_momentum = vectors[0][3] is not None
-    operands = [tf.cast(learning_rate, tf.float32)]
-    operand_types = [_tensor_type(())]
-    results = []
-    for gradient, variable, accumulator, momentum in vectors:
+    has_momentum = items[0][3] is not None
+    total = int(accumulator.shape[0])
+    operands = [tf.cast(learning_rate, tf.float32),
+                tf.convert_to_tensor(accumulator)]
+    operand_types = [_tensor_type(()), _tensor_type((total,))]
+    # The accumulator is written over its operand, whole: the entries of
+    # variables not in `items` stay as they are.
+    results = [(_tensor_type((total,)), 1)]
+    offsets = []
+    for gradient, variable, offset, momentum in items:
         if (momentum is not None) != has_momentum:
             raise ValueError("vector_update: momentum for some vectors only")
         size = math.prod(variable.shape)
-        state = [variable, accumulator] + ([momentum] if has_momentum else [])
+        offsets.append(offset)
+        state = [variable] + ([momentum] if has_momentum else [])
         first = len(operands)
         operands += [tf.reshape(gradient, [size])] + [
             tf.reshape(tf.convert_to_tensor(s), [size]) for s in state]
@@ -244,13 +247,14 @@ def vector_update(optimizer, vectors, learning_rate):
                     for i in range(len(state))]
     values = iter(_call(
         "sm3_tf_vectors", operands, operand_types, results,
-        {"momentum": (int(has_momentum), "i64"),
+        {"offsets": (offsets, "i64 array"),
+         "momentum": (int(has_momentum), "i64"),
          "mu": (optimizer.momentum, "f32"),
          "eps": (optimizer.epsilon, "f32")}))
-    for _, variable, accumulator, momentum in vectors:
+    optimizer.assign(accumulator, next(values))
+    for _, variable, _, momentum in items:
         shape = tuple(variable.shape)
         optimizer.assign(variable, tf.reshape(next(values), shape))
-        optimizer.assign(accumulator, tf.reshape(next(values), shape))
         if has_momentum:
             optimizer.assign(momentum, tf.reshape(next(values), shape))
 

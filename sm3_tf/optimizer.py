@@ -1,5 +1,7 @@
 """`sm3_tf.SM3`: the SM3-II optimizer as a Keras 3 optimizer."""
 
+import warnings
+
 import keras
 import numpy as np
 from keras import ops
@@ -7,6 +9,11 @@ from keras import ops
 from sm3_tf import rule
 
 _HALF_DTYPES = ("float16", "bfloat16")
+
+# The optimizer state's layout in Keras's saving (`SM3.save_own_variables`):
+# 1 was sm3_tf 0.1 (one accumulator per axis), 2 was 0.2 (one per variable).
+LAYOUT = 3
+LAYOUT_KEY = "sm3_tf_layout"
 
 
 def _is_tensorflow():
@@ -143,15 +150,18 @@ class SM3(keras.optimizers.Optimizer):
     def build(self, var_list):
         """Creates the accumulators (and momentum) for `var_list`, in order.
 
-        For each variable, in the order given: its `accumulator`, then
-        `momentum` when `momentum > 0`. The accumulator of a variable of
-        rank >= 2 holds its per-axis vectors end to end (`d0 + d1 + ...`
-        entries, axis 0 first; `accumulators_for` splits it); of a scalar or
-        vector, one entry per entry. One variable, not one per axis: each
-        variable a step updates costs TensorFlow about 10 us to launch
-        (docs/performance.md). Keras saves optimizer variables by position, so
-        this order is part of the checkpoint format; `load_own_variables`
-        also reads the layout of sm3_tf 0.1, one variable per axis.
+        For each variable, in the order given: its `accumulator` when its
+        rank is >= 2 (its per-axis vectors end to end, `d0 + d1 + ...`
+        entries, axis 0 first; `accumulators_for` splits it), then
+        `momentum` when `momentum > 0`. After them, one `vector_accumulator`
+        per compute dtype holds the accumulators of every scalar and vector
+        (one entry per entry, in `var_list` order). Few variables, not one
+        per axis or per bias: each variable a step updates costs TensorFlow
+        about 10 us to launch (docs/performance.md), and a step's scalars
+        and vectors are stepped together. Keras saves optimizer variables by
+        position, so this order is the checkpoint format (`save_own_variables`
+        marks it); `load_own_variables` also reads the layouts of sm3_tf 0.1
+        and 0.2.
         """
         if self.built:
             return
@@ -165,28 +175,49 @@ class SM3(keras.optimizers.Optimizer):
                 )
         super().build(var_list)
         self._accumulators = []
+        self._vector_slots = []  # (vector_accumulator index, offset)
         self._momentums = []
+        vector_dtypes = []
+        vector_sizes = []
         for variable in var_list:
             shape = _static_shape(variable)
             if self._overwrite_variable_with_gradient(variable) or (
                 0 in shape
             ):
                 self._accumulators.append(None)
+                self._vector_slots.append(None)
                 self._momentums.append(None)
                 continue
-            self._accumulators.append(
-                self._add_slot(
-                    variable,
-                    "accumulator",
-                    shape if len(shape) <= 1 else (sum(shape),),
-                    _compute_dtype(variable.dtype),
+            dtype = _compute_dtype(variable.dtype)
+            if len(shape) <= 1:
+                if dtype not in vector_dtypes:
+                    vector_dtypes.append(dtype)
+                    vector_sizes.append(0)
+                buffer = vector_dtypes.index(dtype)
+                self._vector_slots.append((buffer, vector_sizes[buffer]))
+                vector_sizes[buffer] += int(np.prod(shape))
+                self._accumulators.append(None)
+            else:
+                self._vector_slots.append(None)
+                self._accumulators.append(
+                    self._add_slot(
+                        variable, "accumulator", (sum(shape),), dtype
+                    )
                 )
-            )
             self._momentums.append(
                 self.add_variable_from_reference(variable, "momentum")
                 if self.momentum > 0
                 else None
             )
+        self._vector_accumulators = [
+            self.add_variable(
+                (size,),
+                dtype=dtype,
+                name="vector_accumulator"
+                + ("" if len(vector_dtypes) == 1 else f"_{dtype}"),
+            )
+            for dtype, size in zip(vector_dtypes, vector_sizes)
+        ]
 
     def _add_slot(self, variable, slot_name, shape, dtype):
         """An optimizer variable named after `variable`, placed beside it."""
@@ -203,52 +234,101 @@ class SM3(keras.optimizers.Optimizer):
                 return self.add_variable(shape, dtype=dtype, name=name)
         return self.add_variable(shape, dtype=dtype, name=name)
 
+    def save_own_variables(self, store):
+        """Keras's saving (the variables by position), and the layout's
+        number under `"sm3_tf_layout"`, so a later version can read it."""
+        super().save_own_variables(store)
+        store[LAYOUT_KEY] = np.array(LAYOUT)
+
     def load_own_variables(self, store):
         """Sets the state from `store` (Keras's saving), by position.
 
-        Also reads what sm3_tf 0.1 saved, with one accumulator variable per
-        axis: each variable's axes are packed into its one accumulator.
-        Anything else Keras handles (a different count: a warning, nothing
-        loaded).
+        Reads this layout and those of sm3_tf 0.1 (one accumulator variable
+        per axis) and 0.2 (one per variable, scalars and vectors included),
+        which saved no layout number. A store that fits none of them gets
+        Keras's warning and loads nothing.
         """
-        legacy = self._from_per_axis_layout(store)
-        if legacy is None:
-            super().load_own_variables(store)
+        keys = [key for key in store.keys() if key != LAYOUT_KEY]
+        if len(keys) != len(list(store.keys())):
+            layout = int(np.asarray(store[LAYOUT_KEY]))
+            if layout != LAYOUT:
+                raise ValueError(
+                    f"SM3: the optimizer state was saved in layout {layout}, "
+                    f"which this sm3_tf (layout {LAYOUT}) cannot read; load "
+                    "it with the sm3_tf that saved it."
+                )
+            values = [store[str(i)] for i in range(len(keys))]
+        else:
+            values = self._from_older_layout(store)
+            if values is None:
+                super().load_own_variables(store)
+                return
+        if len(values) != len(self.variables):
+            warnings.warn(
+                f"Skipping variable loading for optimizer '{self.name}', "
+                f"because it has {len(self.variables)} variables whereas "
+                f"the saved optimizer has {len(values)} variables.",
+                stacklevel=2,
+            )
             return
-        for variable, value in zip(self.variables, legacy):
+        for variable, value in zip(self.variables, values):
             variable.assign(value)
 
-    def _from_per_axis_layout(self, store):
-        """`store` read as sm3_tf 0.1's layout, in this layout; None if it
-        is not that layout (or this layout is the same)."""
-        count = len(store.keys())
-        if not self.built or count == len(self.variables):
+    def _from_older_layout(self, store):
+        """`store` read as sm3_tf 0.2's layout or else 0.1's, in this layout;
+        None if it is neither (shapes must match throughout)."""
+        if not self.built:
             return None
-        slots = sum(a is not None for a in self._accumulators) + sum(
-            m is not None for m in self._momentums
+        saved = [store[str(i)] for i in range(len(store.keys()))]
+        for per_axis in (False, True):
+            values = self._read_older_layout(saved, per_axis)
+            if values is not None:
+                return values
+        return None
+
+    def _read_older_layout(self, saved, per_axis):
+        """0.2: per variable with any state, its accumulator (rank >= 2:
+        packed) then its momentum; 0.1: the same with one accumulator per
+        axis. Both start with Keras's own variables (iterations, ...)."""
+        slots = (
+            sum(a is not None for a in self._accumulators)
+            + sum(m is not None for m in self._momentums)
+            + len(self._vector_accumulators)
         )
         head = len(self.variables) - slots
-        saved = [store[str(i)] for i in range(count)]
-        values, position = saved[:head], head
-        for variable, accumulator, momentum in zip(
-            self._trainable_variables, self._accumulators, self._momentums
+        values, position = list(saved[:head]), head
+        vectors = [
+            np.zeros(tuple(buffer.shape), buffer.dtype)
+            for buffer in self._vector_accumulators
+        ]
+        for variable, accumulator, slot, momentum in zip(
+            self._trainable_variables, self._accumulators,
+            self._vector_slots, self._momentums,
         ):
-            if accumulator is None:
+            if accumulator is None and slot is None:
                 continue
             shape = _static_shape(variable)
-            axes = len(shape) if len(shape) > 1 else 1
+            axes = len(shape) if per_axis and len(shape) > 1 else 1
             parts = saved[position:position + axes]
             position += axes
             if len(parts) != axes:
                 return None
-            values.append(
-                parts[0] if axes == 1 else np.concatenate(
-                    [np.reshape(p, (-1,)) for p in parts])
-            )
+            if slot is not None:
+                if tuple(np.shape(parts[0])) != shape:
+                    return None
+                buffer, offset = slot
+                size = int(np.prod(shape))
+                vectors[buffer][offset:offset + size] = np.reshape(
+                    parts[0], (-1,))
+            else:
+                values.append(np.concatenate(
+                    [np.reshape(p, (-1,)) for p in parts]))
             if momentum is not None:
-                values.append(saved[position] if position < count else None)
+                values.append(
+                    saved[position] if position < len(saved) else None)
                 position += 1
-        if position != count or any(
+        values += vectors
+        if position != len(saved) or len(values) != len(self.variables) or any(
             value is None or tuple(np.shape(value)) != _static_shape(target)
             for value, target in zip(values, self.variables)
         ):
@@ -256,19 +336,32 @@ class SM3(keras.optimizers.Optimizer):
         return values
 
     def accumulator_for(self, variable):
-        """The accumulator variable of a model variable (None if it has none:
-        zero-size variables). Rank >= 2: its per-axis vectors end to end."""
-        return self._accumulators[self._get_variable_index(variable)]
+        """The optimizer variable that holds a model variable's accumulator:
+        its own for rank >= 2 (its per-axis vectors end to end); for a scalar
+        or vector, the `vector_accumulator` it shares with the others of its
+        dtype (`accumulators_for` gives its part). None for zero-size
+        variables."""
+        index = self._get_variable_index(variable)
+        slot = self._vector_slots[index]
+        if slot is not None:
+            return self._vector_accumulators[slot[0]]
+        return self._accumulators[index]
 
     def accumulators_for(self, variable):
         """A model variable's accumulators as values, one per axis (rank >= 2)
         or one of the variable's shape (rank <= 1); for inspection."""
-        accumulator = self.accumulator_for(variable)
+        index = self._get_variable_index(variable)
+        shape = _static_shape(variable)
+        slot = self._vector_slots[index]
+        if slot is not None:
+            buffer, offset = slot
+            return [_vector_part(
+                ops.convert_to_tensor(self._vector_accumulators[buffer]),
+                offset, shape)]
+        accumulator = self._accumulators[index]
         if accumulator is None:
             return []
-        return rule.unpack(
-            ops.convert_to_tensor(accumulator), _static_shape(variable)
-        )
+        return rule.unpack(ops.convert_to_tensor(accumulator), shape)
 
     def momentum_for(self, variable):
         """The momentum variable of a model variable, or None."""
@@ -284,48 +377,131 @@ class SM3(keras.optimizers.Optimizer):
             tf_compile.wait_for_all_gradients(self, grads)
         return super().apply(grads, trainable_variables)
 
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        """Steps each variable of rank >= 2 on its own and each dtype's
+        scalars and vectors together (TensorFlow: in
+        `_distributed_tf_update_step`, under the distribution strategy)."""
+        if _is_tensorflow():
+            super()._backend_update_step(
+                grads, trainable_variables, learning_rate
+            )
+            return
+        others, groups = self._vector_groups(zip(grads, trainable_variables))
+        for gradient, variable in others:
+            self.update_step(gradient, variable, learning_rate)
+        for accumulator, items in groups:
+            self._step_vectors(accumulator, items, learning_rate)
+
     def _distributed_tf_update_step(
         self, distribution, grads_and_vars, learning_rate
     ):
-        """Keras's loop over the step's variables (TensorFlow backend), with
-        the vectors the CPU kernel takes stepped together at its end."""
+        """Keras's loop over the step's variables (TensorFlow backend), then
+        each dtype's scalars and vectors in one update."""
         from sm3_tf import tf_compile
 
-        with tf_compile.vectors_grouped(self, distribution, learning_rate):
-            super()._distributed_tf_update_step(
-                distribution, grads_and_vars, learning_rate
+        others, groups = self._vector_groups(grads_and_vars)
+        super()._distributed_tf_update_step(
+            distribution, others, learning_rate
+        )
+        for accumulator, items in groups:
+            tf_compile.vector_update(
+                self, distribution, accumulator, items, learning_rate
             )
 
+    def _vector_groups(self, grads_and_vars):
+        """Splits a step's `(gradient, variable)` pairs into the scalars and
+        vectors that take the dense rule, grouped by the `vector_accumulator`
+        they share as `(accumulator, [(gradient, variable, offset,
+        momentum), ...])`, and the other pairs."""
+        others, groups = [], {}
+        for gradient, variable in grads_and_vars:
+            index = self._get_variable_index(variable)
+            slot = self._vector_slots[index]
+            if slot is None or self._takes_sparse_step(gradient, variable):
+                others.append((gradient, variable))
+                continue
+            buffer, offset = slot
+            groups.setdefault(buffer, []).append(
+                (_dense(gradient), variable, offset, self._momentums[index])
+            )
+        return others, [
+            (self._vector_accumulators[buffer], items)
+            for buffer, items in sorted(groups.items())
+        ]
+
+    def _takes_sparse_step(self, gradient, variable):
+        """Whether `gradient` takes the sparse path (`sm3_tf.sparse`). With
+        beta2 < 1 every row's statistics decay: the step is dense by nature
+        (spec, sparse rule 6)."""
+        if not _is_tensorflow():
+            return False
+        from sm3_tf import sparse
+
+        return (sparse.is_sparse(gradient) and self.beta2 == 1.0
+                and len(variable.shape) >= 1)
+
     def update_step(self, gradient, variable, learning_rate):
-        """Applies one SM3 step to `variable`."""
+        """Applies one SM3 step to `variable` (Keras's `apply` steps the
+        scalars and vectors together instead, `_step_vectors`)."""
         index = self._get_variable_index(variable)
         accumulator = self._accumulators[index]
-        if accumulator is None:  # a zero-size variable: nothing to do
-            return
+        slot = self._vector_slots[index]
         momentum = self._momentums[index]
-        if _is_tensorflow():
+        if accumulator is None and slot is None:  # zero-size: nothing to do
+            return
+        offset = 0
+        if slot is not None:
+            buffer, offset = slot
+            accumulator = self._vector_accumulators[buffer]
+        if self._takes_sparse_step(gradient, variable):
             from sm3_tf import sparse
+
+            sparse.sparse_step(
+                self, gradient, variable, accumulator, momentum,
+                learning_rate, offset=offset,
+            )
+            return
+        gradient = _dense(gradient)
+        if slot is not None:
+            self._step_vectors(
+                accumulator, [(gradient, variable, offset, momentum)],
+                learning_rate,
+            )
+        elif _is_tensorflow():
             from sm3_tf import tf_compile
 
-            if sparse.is_sparse(gradient):
-                if self.beta2 < 1.0 or len(variable.shape) == 0:
-                    # With beta2 < 1 every row's statistics decay: the
-                    # step is dense by nature (spec, sparse rule 6).
-                    gradient = sparse.densify(gradient)
-                else:
-                    sparse.sparse_step(
-                        self, gradient, variable, accumulator, momentum,
-                        learning_rate,
-                    )
-                    return
             tf_compile.dense_update(
                 self, gradient, variable, accumulator, momentum,
                 learning_rate,
             )
-            return
-        self._dense_update(
-            gradient, variable, accumulator, momentum, learning_rate
-        )
+        else:
+            self._dense_update(
+                gradient, variable, accumulator, momentum, learning_rate
+            )
+
+    def _step_vectors(self, accumulator, items, learning_rate):
+        """The dense rule on scalars and vectors that share `accumulator`
+        (any backend). For them it is Adagrad's, entry by entry.
+
+        Args:
+            accumulator: their `vector_accumulator`.
+            items: `(gradient, variable, offset, momentum)` per variable,
+                `offset` where its entries start in `accumulator`.
+            learning_rate: this step's learning rate.
+        """
+        old = ops.convert_to_tensor(accumulator)
+        parts = []
+        for gradient, variable, offset, momentum in items:
+            shape = _static_shape(variable)
+            update, (new,) = rule.dense_step(
+                ops.cast(gradient, old.dtype),
+                [_vector_part(old, offset, shape)],
+                self.beta2,
+                self.epsilon,
+            )
+            parts.append((offset, ops.reshape(new, (-1,))))
+            self._apply_update(variable, momentum, update, learning_rate)
+        self.assign(accumulator, _spliced(old, parts))
 
     def _dense_update(
         self, gradient, variable, accumulator, momentum, learning_rate
@@ -402,6 +578,36 @@ def _split_fold_reductions():
     TensorFlow's XLA fuses the folds either way and runs slower with it.
     """
     return keras.backend.backend() == "jax"
+
+
+def _vector_part(vector, offset, shape):
+    """The entries of a variable of `shape` in a `vector_accumulator`."""
+    size = int(np.prod(shape))
+    return ops.reshape(ops.slice(vector, (offset,), (size,)), shape)
+
+
+def _spliced(vector, parts):
+    """`vector` with each `(offset, part)` of `parts` written from `offset`."""
+    pieces, end = [], 0
+    for offset, part in sorted(parts, key=lambda p: p[0]):
+        if offset > end:
+            pieces.append(ops.slice(vector, (end,), (offset - end,)))
+        pieces.append(part)
+        end = offset + part.shape[0]
+    if end < vector.shape[0]:
+        pieces.append(ops.slice(vector, (end,), (vector.shape[0] - end,)))
+    return pieces[0] if len(pieces) == 1 else ops.concatenate(pieces)
+
+
+def _dense(gradient):
+    """A dense gradient (TensorFlow's `tf.IndexedSlices` made dense, their
+    repeated rows summed)."""
+    if _is_tensorflow():
+        from sm3_tf import sparse
+
+        if sparse.is_sparse(gradient):
+            return sparse.densify(gradient)
+    return gradient
 
 
 def _static_shape(variable):

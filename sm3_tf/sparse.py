@@ -81,7 +81,7 @@ def _broadcast_rows(vector, rank):
 
 
 def sparse_step(optimizer, gradient, variable, accumulator, momentum,
-                learning_rate):
+                learning_rate, offset=0):
     """Applies one exact sparse SM3 step (beta2 == 1) to `variable`.
 
     Args:
@@ -89,9 +89,11 @@ def sparse_step(optimizer, gradient, variable, accumulator, momentum,
       gradient: a `tf.IndexedSlices` over axis 0 of `variable`.
       variable: the model variable (Keras or tf variable).
       accumulator: its accumulator variable, as `SM3.build` made it (rank
-        >= 2: the per-axis vectors end to end, axis 0 first).
+        >= 2: the per-axis vectors end to end, axis 0 first; rank 1: the
+        `vector_accumulator` it shares, its entries from `offset` on).
       momentum: its momentum variable, or None.
       learning_rate: the current learning rate.
+      offset: where a vector's entries start in `accumulator`.
     """
     var = _tf_variable(variable)
     acc = _tf_variable(accumulator)
@@ -107,8 +109,9 @@ def sparse_step(optimizer, gradient, variable, accumulator, momentum,
         first = None
 
     if rank == 1:
-        nu = rule.second_moment(tf.gather(acc, indices), grad, 1.0)
-        acc.scatter_max(tf.IndexedSlices(nu, indices))
+        entries = indices + offset
+        nu = rule.second_moment(tf.gather(acc, entries), grad, 1.0)
+        acc.scatter_max(tf.IndexedSlices(nu, entries))
     else:
         # Axis 0's vector comes first in the accumulator: a row's entry is
         # at the row's index. The other axes' follow, whole.

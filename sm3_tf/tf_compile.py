@@ -7,7 +7,8 @@ the rule becomes a few fused loops (see docs/performance.md). So the update
 of each variable runs in a `tf.function(jit_compile=True)`:
 
 - inside a plain `tf.function` or eagerly, it becomes one XLA launch per
-  variable;
+  variable of rank >= 2, and one for all scalars and vectors of a dtype
+  (`vector_update`);
 - inside a step that is already compiled (`jit_compile=True`, TPUs), the
   rule is traced straight into the enclosing XLA program: a nested compiled
   function there would pass the variables by copy (measured: three extra
@@ -18,7 +19,6 @@ that a nested function cannot take as arguments, so there the rule runs as
 plain TensorFlow ops (still exact; only slower without XLA).
 """
 
-import contextlib
 import math
 
 import keras
@@ -93,45 +93,44 @@ def _update_in_xla(optimizer, gradient, variable, accumulator, momentum,
                             learning_rate)
 
 
-@contextlib.contextmanager
-def vectors_grouped(optimizer, distribution, learning_rate):
-    """Inside it, `dense_update` holds back the vectors the CPU kernel takes;
-    on leaving, they are stepped together, in one call (`cpu_kernel`).
+def vector_update(optimizer, distribution, accumulator, items,
+                  learning_rate):
+    """One step of the scalars and vectors that share `accumulator`, together
+    (`items` as `SM3._step_vectors` takes them): one compiled update where
+    it can be (`cpu_kernel`'s vectors call where it applies, else the rule),
+    else plain ops, under `distribution` as Keras updates a variable."""
+    rest = [item[1:] for item in items]
 
-    Wraps the loop over a step's variables
-    (`SM3._distributed_tf_update_step`). Where the kernel is off or there
-    are several replicas, every variable is stepped on its own.
-    """
-    if not optimizer.cpu_kernel or distribution.num_replicas_in_sync != 1:
-        yield
-        return
-    group = []
-    object.__setattr__(optimizer, "_sm3_vector_group", group)
-    try:
-        yield
-    finally:
-        object.__setattr__(optimizer, "_sm3_vector_group", None)
-    if group:
+    def update(_, gradients, learning_rate):
+        grouped = [(gradient,) + other
+                   for gradient, other in zip(gradients, rest)]
+        if not in_xla_program() and not _single_replica():
+            optimizer._step_vectors(accumulator, grouped, learning_rate)
+            return
         _run_compiled(optimizer, "_sm3_compiled_vector_update",
-                      _update_vectors, (group, learning_rate), large=False)
+                      _vectors_in_xla, (accumulator, grouped, learning_rate),
+                      large=False)
+
+    distribution.extended.update(
+        _local(accumulator), update, args=([item[0] for item in items],
+                                   learning_rate),
+        group=False)
 
 
-def _update_vectors(optimizer, group, learning_rate):
-    from sm3_tf import cpu_kernel
+def _vectors_in_xla(optimizer, accumulator, items, learning_rate):
+    if optimizer.cpu_kernel:
+        from sm3_tf import cpu_kernel
 
-    cpu_kernel.vector_update(optimizer, group, learning_rate)
+        if cpu_kernel.applies_to_vectors(optimizer, accumulator, items):
+            cpu_kernel.vector_update(optimizer, accumulator, items,
+                                     learning_rate)
+            return
+    optimizer._step_vectors(accumulator, items, learning_rate)
 
 
 def dense_update(optimizer, gradient, variable, accumulator, momentum,
                  learning_rate):
     """`optimizer._dense_update(...)`, compiled with XLA where it can be."""
-    group = optimizer.__dict__.get("_sm3_vector_group")
-    if group is not None:
-        from sm3_tf import cpu_kernel
-
-        if cpu_kernel.applies_to_vector(optimizer, gradient, variable):
-            group.append((gradient, variable, accumulator, momentum))
-            return
     if not in_xla_program() and not _single_replica():
         optimizer._dense_update(gradient, variable, accumulator, momentum,
                                 learning_rate)

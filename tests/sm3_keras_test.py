@@ -115,7 +115,7 @@ def test_tf_train_checkpoint_round_trip_continues_exactly(tmp_path):
 
 def test_loads_the_per_axis_layout_that_sm3_tf_0_1_saved():
     # sm3_tf 0.1 kept one accumulator variable per axis; Keras files it
-    # saved load into the packed layout (one per variable).
+    # saved load into this layout (one per matrix, one for all vectors).
     variables = [
         keras.Variable(np.zeros((4, 3, 2), np.float32), name="conv"),
         keras.Variable(np.zeros((3,), np.float32), name="bias"),
@@ -158,6 +158,43 @@ def test_loads_the_per_axis_layout_that_sm3_tf_0_1_saved():
         fresh.load_own_variables({str(i): v for i, v in
                                   enumerate(legacy[:-1])})
     assert int(fresh.iterations.numpy()) == 0
+
+
+def test_loads_the_layout_that_sm3_tf_0_2_saved_where_counts_agree():
+    # sm3_tf 0.2 kept each bias's accumulator beside its momentum; 0.3 keeps
+    # all of them in one `vector_accumulator` at the end. For a Dense layer
+    # both layouts hold 6 arrays of the same shapes in different roles:
+    # files saved without a layout number are read as 0.2's.
+    kernel = keras.Variable(np.zeros((5, 2), np.float32), name="kernel")
+    bias = keras.Variable(np.zeros((2,), np.float32), name="bias")
+    opt = SM3(momentum=0.9)
+    opt.build([kernel, bias])
+    rng = np.random.default_rng(1)
+    kernel_acc, kernel_m = rng.random(7), rng.random((5, 2))
+    bias_acc, bias_m = rng.random(2), rng.random(2)
+    saved = [np.int64(3), np.float32(0.25), kernel_acc, kernel_m, bias_acc,
+             bias_m]
+    assert len(saved) == len(opt.variables)
+    opt.load_own_variables({str(i): v for i, v in enumerate(saved)})
+    np.testing.assert_allclose(opt.accumulators_for(bias)[0], bias_acc)
+    np.testing.assert_allclose(opt.momentum_for(bias).numpy(), bias_m)
+    np.testing.assert_allclose(
+        np.concatenate([a.numpy() for a in opt.accumulators_for(kernel)]),
+        kernel_acc, rtol=1e-7)
+    # What 0.3 saves carries its layout's number; one it does not know is
+    # refused by name, loading nothing.
+    store = {}
+    opt.save_own_variables(store)
+    assert int(store["sm3_tf_layout"]) == 3
+    newer = dict(store, sm3_tf_layout=np.array(4))
+    fresh = SM3(momentum=0.9)
+    fresh.build([kernel, bias])
+    with pytest.raises(ValueError, match="layout 4"):
+        fresh.load_own_variables(newer)
+    assert int(fresh.iterations.numpy()) == 0
+    fresh.load_own_variables(store)
+    for a, b in zip(fresh.variables, opt.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 # ----------------------------------------------------------------- mixed precision

@@ -238,3 +238,57 @@ def test_a_variable_above_the_fold_threshold_matches_numpy_reference():
     np.testing.assert_allclose(var.numpy(), ref.var, **TOLERANCE["float32"])
     for a, b in zip(opt.accumulators_for(var), ref.acc):
         np.testing.assert_allclose(a.numpy(), b, **TOLERANCE["float32"])
+
+
+@st.composite
+def model_problems(draw):
+    """Several variables of ranks 0-3 and mixed dtypes (scalars and vectors
+    share one accumulator per dtype), each step updating a subset of them,
+    in any order."""
+    count = draw(st.integers(1, 5))
+    shapes = [draw(st.lists(st.integers(1, 5), max_size=3).map(tuple))
+              for _ in range(count)]
+    dtypes = [draw(st.sampled_from(["float32", "float64"]))
+              for _ in range(count)]
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    steps = []
+    for _ in range(draw(st.integers(1, 3))):
+        chosen = draw(st.permutations(range(count)).map(
+            lambda order: order[:draw(st.integers(1, count))]))
+        steps.append([(i, rng.normal(size=shapes[i]).astype(dtypes[i]))
+                      for i in chosen])
+    return dict(
+        values=[rng.normal(size=s).astype(d) for s, d in zip(shapes, dtypes)],
+        steps=steps,
+        mode=draw(st.sampled_from(["eager", "function", "xla"])),
+        momentum=draw(st.sampled_from([0.0, 0.9])),
+        beta2=draw(st.sampled_from([1.0, 0.99])),
+    )
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(model_problems())
+def test_several_variables_and_subsets_match_numpy_reference(p):
+    lr = 0.25
+    opt = SM3(learning_rate=lr, momentum=p["momentum"], beta2=p["beta2"])
+    variables = [keras.Variable(v, dtype=v.dtype) for v in p["values"]]
+    opt.build(variables)
+    refs = [SM3Reference(v, lr, p["momentum"], p["beta2"], 1e-30)
+            for v in p["values"]]
+
+    def apply(chosen, grads):
+        opt.apply_gradients(zip(grads, [variables[i] for i in chosen]))
+
+    if p["mode"] != "eager":
+        apply = tf.function(apply, jit_compile=p["mode"] == "xla")
+    for step in p["steps"]:
+        chosen = tuple(i for i, _ in step)
+        apply(chosen, [tf.constant(g) for _, g in step])
+        for i, g in step:
+            refs[i].step(g)
+        for var, ref in zip(variables, refs):  # the others left as they were
+            tolerance = TOLERANCE[ref.var.dtype.name]
+            np.testing.assert_allclose(var.numpy(), ref.var, **tolerance)
+            for a, b in zip(opt.accumulators_for(var), ref.acc, strict=True):
+                np.testing.assert_allclose(a.numpy(), b, **tolerance)

@@ -94,6 +94,29 @@ def test_empty_slice_and_slices_that_sum_to_zero(mode, momentum):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_rank_one_sparse_step_writes_its_own_part_of_the_shared_accumulator(
+        mode):
+    # Two vectors share one `vector_accumulator`; the second's sparse step
+    # reads and writes its entries there (from offset 3), nothing else.
+    first, second = (keras.Variable(np.ones(3, np.float32)),
+                     keras.Variable(np.ones(5, np.float32)))
+    opt = SM3(learning_rate=0.5, momentum=0.0, epsilon=0.0)
+    opt.build([first, second])
+    _stepper(opt, first, True, "eager")(tf.constant([0, 1, 2]),
+                                        tf.constant([1.0, 2.0, 3.0]))
+    ref = SM3Reference(np.ones(5, np.float32), 0.5, 0.0, 1.0, 0.0)
+    for indices, values in [([0, 3, 3], [0.5, -1.0, 2.0]), ([4], [3.0])]:
+        _stepper(opt, second, False, mode)(tf.constant(indices),
+                                          tf.constant(values))
+        ref.step(dense_from_slices(np.array(indices), np.array(values), 5))
+    np.testing.assert_allclose(second.numpy(), ref.var, rtol=1e-6)
+    np.testing.assert_allclose(opt.accumulators_for(second)[0], ref.acc[0],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(opt.accumulators_for(first)[0],
+                                  np.float32([1.0, 4.0, 9.0]))
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_rank_one_variable_gathered_by_index(mode):
     rng = np.random.default_rng(4)
     steps = [([0, 3, 3], rng.normal(size=(3,))), ([1], rng.normal(size=(1,)))]

@@ -198,15 +198,34 @@ def test_slot_layout_order_and_names_are_deterministic():
     assert names == [
         "iteration", "learning_rate",
         "conv_accumulator", "conv_momentum",
-        "bias_accumulator", "bias_momentum",
-        "scale_accumulator", "scale_momentum",
+        "bias_momentum", "scale_momentum",
+        "vector_accumulator",
     ]
     shapes = [tuple(v.shape) for v in opt.variables[2:]]
-    # The conv's per-axis vectors end to end: 4 + 3 + 2 entries.
-    assert shapes == [(9,), (4, 3, 2), (3,), (3,), (), ()]
+    # The conv's per-axis vectors end to end: 4 + 3 + 2 entries; the bias's
+    # and the scale's entries share one vector, in that order.
+    assert shapes == [(9,), (4, 3, 2), (3,), (), (4,)]
+    assert opt.accumulator_for(variables[1]) is opt.variables[-1]
+    assert opt.accumulator_for(variables[2]) is opt.variables[-1]
     no_momentum = SM3(momentum=0.0)
     no_momentum.build(variables)
     assert not any("momentum" in v.name for v in no_momentum.variables)
+
+
+def test_vectors_of_each_compute_dtype_share_one_accumulator():
+    variables = [
+        keras.Variable(np.zeros((3,), np.float32), name="a"),
+        keras.Variable(np.zeros((2,)), dtype="float64", name="b"),
+        keras.Variable(np.zeros((5,)), dtype="float16", name="c"),
+    ]
+    opt = SM3(momentum=0.0)
+    opt.build(variables)
+    buffers = [(v.name, v.dtype, tuple(v.shape)) for v in opt.variables[2:]]
+    # float16 variables keep float32 statistics: beside the float32 ones.
+    assert buffers == [
+        ("vector_accumulator_float32", "float32", (8,)),
+        ("vector_accumulator_float64", "float64", (2,)),
+    ]
 
 
 def test_sm3_state_is_tiny_next_to_the_variable():

@@ -12,10 +12,11 @@
 // (output_operand_aliases): each entry of w and m is read before it is
 // written, and acc is read whole before any of it is written.
 //
-//   sm3_tf_vectors: (lr, g_0, w_0, acc_0[, m_0], g_1, ...)
-//                -> (w'_0, acc'_0[, m'_0], w'_1, ...)
-// for a step's vectors (rank <= 1) together. Attributes: momentum (i64,
-// 0 or 1: whether m is there), mu, eps (f32).
+//   sm3_tf_vectors: (lr, acc, g_0, w_0[, m_0], g_1, ...)
+//                -> (acc', w'_0[, m'_0], w'_1, ...)
+// for a step's scalars and vectors together, acc the accumulator they
+// share. Attributes: offsets (i64 array: where each vector's entries start
+// in acc), momentum (i64, 0 or 1: whether m is there), mu, eps (f32).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -186,23 +187,28 @@ ffi::Error Step(ffi::ThreadPool pool, F32 g, F32 w, F32 lr, F32 acc_in,
   return ffi::Error::Success();
 }
 
-// All of a step's small vectors in one call, where XLA:CPU would run two
-// loops for each (the accumulator and the update): ResNet-50's 160 biases
-// and normalization parameters (docs/performance.md, item 11).
-// Operands lr, then (g, w, acc[, m]) per vector; results (w', acc'[, m'])
-// per vector, each over its operand. On the calling thread: the vectors
-// are small (sm3_tf groups those under 1 MiB).
-ffi::Error Vectors(F32 lr, ffi::RemainingArgs args, ffi::RemainingRets rets,
+// All of a step's scalars and vectors in one call, where XLA:CPU would run
+// two loops for each (the accumulator and the update): ResNet-50's 160
+// biases and normalization parameters (docs/performance.md, item 11).
+// Operands lr, acc (the vector_accumulator they share), then (g, w[, m]) per
+// vector; results acc', then (w'[, m']) per vector, each over its operand.
+// Vector v's accumulator is acc[offsets[v], offsets[v] + its size); entries
+// of acc no vector covers are left as they are (acc' is acc's buffer). On
+// the calling thread: ResNet-50's vectors hold 53k entries in all.
+ffi::Error Vectors(F32 lr, F32 acc, ffi::RemainingArgs args, F32Out acc_out,
+                   ffi::RemainingRets rets, ffi::Span<const int64_t> offsets,
                    int64_t momentum, float mu, float eps) {
-  const long in_per = momentum ? 4 : 3, out_per = momentum ? 3 : 2;
-  const long count = static_cast<long>(args.size()) / in_per;
+  const long in_per = momentum ? 3 : 2, out_per = momentum ? 2 : 1;
+  const long count = static_cast<long>(offsets.size());
+  const long total = static_cast<long>(acc.element_count());
   if (static_cast<long>(args.size()) != count * in_per ||
-      static_cast<long>(rets.size()) != count * out_per)
+      static_cast<long>(rets.size()) != count * out_per ||
+      static_cast<long>(acc_out->element_count()) != total)
     return ffi::Error::InvalidArgument(
-        "sm3_tf_vectors: operands are not (g, w, acc[, m]) per vector");
+        "sm3_tf_vectors: operands are not acc, then (g, w[, m]) per offset");
   for (long v = 0; v < count; ++v) {
-    const float* in[4] = {nullptr, nullptr, nullptr, nullptr};
-    float* out[3] = {nullptr, nullptr, nullptr};
+    const float* in[3] = {nullptr, nullptr, nullptr};
+    float* out[2] = {nullptr, nullptr};
     long n = -1;
     for (long i = 0; i < in_per; ++i) {
       auto b = args.get<F32>(v * in_per + i);
@@ -218,9 +224,12 @@ ffi::Error Vectors(F32 lr, ffi::RemainingArgs args, ffi::RemainingRets rets,
         return ffi::Error::InvalidArgument("sm3_tf_vectors: results must be f32, the operands' size");
       out[i] = b.value()->typed_data();
     }
-    Sm3Vector(Sm3VectorArgs{n, in[0], in[1], out[0], in[2], out[1],
-                            momentum ? in[3] : nullptr, momentum ? out[2] : nullptr,
-                            *lr.typed_data(), mu, eps});
+    const long offset = static_cast<long>(offsets[v]);
+    if (offset < 0 || offset + n > total)
+      return ffi::Error::InvalidArgument("sm3_tf_vectors: an offset is outside acc");
+    Sm3Vector(Sm3VectorArgs{n, in[0], in[1], out[0], acc.typed_data() + offset,
+                            acc_out->typed_data() + offset, momentum ? in[2] : nullptr,
+                            momentum ? out[1] : nullptr, *lr.typed_data(), mu, eps});
   }
   return ffi::Error::Success();
 }
@@ -230,8 +239,11 @@ ffi::Error Vectors(F32 lr, ffi::RemainingArgs args, ffi::RemainingRets rets,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Sm3VectorsHandler, Vectors,
                               ffi::Ffi::Bind()
                                   .Arg<F32>()
+                                  .Arg<F32>()
                                   .RemainingArgs()
+                                  .Ret<F32>()
                                   .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("offsets")
                                   .Attr<int64_t>("momentum")
                                   .Attr<float>("mu")
                                   .Attr<float>("eps"));
@@ -260,4 +272,4 @@ XLA_FFI_REGISTER_HANDLER(xla::ffi::GetXlaFfiApi(), "sm3_tf_step", "Host",
 
 // For sm3_tf.cpu_kernel: this library's ABI version; a mismatch means a
 // stale build.
-extern "C" int sm3_tf_native_version() { return 4; }
+extern "C" int sm3_tf_native_version() { return 5; }
