@@ -8,6 +8,7 @@ import dataclasses
 import math
 import os
 import time
+from typing import Optional
 
 from absl import flags
 from absl import logging
@@ -67,10 +68,12 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_float("beta2", 1.0, "SM3's beta2, in (0, 1]; 1 is the running sum.", **fv)
     flags.DEFINE_float("epsilon", 1e-30, "SM3's epsilon, >= 0.", **fv)
     flags.DEFINE_boolean(
-        "sm3_cpu_kernel", False,
+        "sm3_cpu_kernel", None,
         "SM3's cpu_kernel: each matrix's step as one AVX-512 pass on the CPU "
-        "(TensorFlow; built with the C++ compiler at first use; SM3 logs why "
-        "and keeps its portable path where it cannot run).", **fv)
+        "(built with the C++ compiler at first use). Unset: SM3's \"auto\", "
+        "the kernel wherever it can run; --sm3_cpu_kernel asks for it (a "
+        "warning where it cannot run); --nosm3_cpu_kernel keeps SM3's "
+        "portable path.", **fv)
     flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (Keras's), >= 0.", **fv)
     flags.DEFINE_float("clipnorm", 0.0, "Clip each gradient to this norm; 0: off.", **fv)
     flags.DEFINE_integer(
@@ -150,7 +153,7 @@ class RunConfig:
     momentum: float
     beta2: float
     epsilon: float
-    sm3_cpu_kernel: bool
+    sm3_cpu_kernel: Optional[bool]
     weight_decay: float
     clipnorm: float
     warmup_steps: int
@@ -249,7 +252,7 @@ def config_from_flags(fv):
         raise _bad("cooldown_steps", "is SM3's schedule; the other optimizers "
                    "decay with a cosine. Leave it 0 with "
                    f"--optimizer={config.optimizer}.")
-    if config.sm3_cpu_kernel and config.optimizer != "sm3":
+    if config.sm3_cpu_kernel is not None and config.optimizer != "sm3":
         raise _bad("sm3_cpu_kernel", "is an SM3 argument; drop it with "
                    f"--optimizer={config.optimizer}.")
     if config.warmup_steps + config.cooldown_steps > config.train_steps:
@@ -311,14 +314,7 @@ def run(config):
         task = build_task(config, is_chief)
 
         def optimizer_fn():
-            return optimizers.build_optimizer(
-                config.optimizer, config.learning_rate, config.train_steps,
-                warmup_steps=config.warmup_steps,
-                cooldown_steps=config.cooldown_steps, momentum=config.momentum,
-                beta2=config.beta2, epsilon=config.epsilon,
-                sm3_cpu_kernel=config.sm3_cpu_kernel,
-                weight_decay=config.weight_decay, clipnorm=config.clipnorm,
-                mixed_float16=config.mixed_precision == "mixed_float16")
+            return build_optimizer(config)
 
         loop_config = loop.LoopConfig(
             model_dir=config.model_dir, train_steps=config.train_steps,
@@ -335,6 +331,20 @@ def run(config):
         return result
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def build_optimizer(config):
+    """The optimizer `config` asks for (`--optimizer` and its flags)."""
+    return optimizers.build_optimizer(
+        config.optimizer, config.learning_rate, config.train_steps,
+        warmup_steps=config.warmup_steps,
+        cooldown_steps=config.cooldown_steps, momentum=config.momentum,
+        beta2=config.beta2, epsilon=config.epsilon,
+        # Unset: SM3's own default.
+        sm3_cpu_kernel=("auto" if config.sm3_cpu_kernel is None
+                        else config.sm3_cpu_kernel),
+        weight_decay=config.weight_decay, clipnorm=config.clipnorm,
+        mixed_float16=config.mixed_precision == "mixed_float16")
 
 
 def build_task(config, is_chief=True):

@@ -13,7 +13,7 @@ of SM3 against SGD, SGD+momentum and Adam measured in the same process.
 
 `--sparse`: a 1,000,000 x 64 embedding, a batch touching 4,096 rows (with
 repeats), SM3 without momentum: the sparse step against the dense step on the
-same gradient.
+same gradient (SM3's default, and its portable path).
 
 `--fit`: `model.fit` steps per second of a small Transformer (d 256, 2+2
 layers, vocab 8000), SM3 against Adam, epochs interleaved.
@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import sm3_tf  # noqa: E402
+from sm3_tf import cpu_kernel  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -119,7 +120,8 @@ def bench_dense(models, xla_modes, rounds, optimizers, cap_dims=None):
 
 
 class SM3Part(sm3_tf.SM3):
-    """SM3 doing one part of its dense step only (`--breakdown`).
+    """SM3's portable path doing one part of its dense step only
+    (`--breakdown`).
 
     `part="update"` leaves the accumulators as they are (the update still
     computes `nu` from them); `part="statistics"` writes the accumulators and
@@ -127,7 +129,7 @@ class SM3Part(sm3_tf.SM3):
     """
 
     def __init__(self, part, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(cpu_kernel=False, **kwargs)
         self.part = part
         self._unwritten = ()
 
@@ -138,6 +140,11 @@ class SM3Part(sm3_tf.SM3):
         self._unwritten = (accumulator,) if self.part == "update" else ()
         super()._dense_update(gradient, variable, accumulator, momentum,
                               learning_rate)
+        self._unwritten = ()
+
+    def _step_vectors(self, accumulator, items, learning_rate):
+        self._unwritten = (accumulator,) if self.part == "update" else ()
+        super()._step_vectors(accumulator, items, learning_rate)
         self._unwritten = ()
 
     def assign(self, variable, value):
@@ -157,12 +164,12 @@ def bench_breakdown(models, xla_modes, rounds):
         for jit in xla_modes:
             steps = {name: step_function(OPTIMIZERS[name](), variables,
                                          grads, jit)
-                     for name in ("sgd", "sgd_momentum", "sm3_no_momentum",
-                                  "sm3")}
+                     for name in ("sgd", "sgd_momentum",
+                                  "sm3_portable_no_momentum", "sm3_portable")}
             for momentum in (0.0, 0.9):
                 suffix = "" if momentum else "_no_momentum"
                 for part in ("update", "statistics"):
-                    steps[f"sm3{suffix} {part} only"] = step_function(
+                    steps[f"sm3_portable{suffix} {part} only"] = step_function(
                         SM3Part(part, learning_rate=1e-4, momentum=momentum),
                         variables, grads, jit)
             med = harness.time_interleaved(steps, rounds, _wait)
@@ -195,9 +202,11 @@ def bench_sparse(rounds, rows=1_000_000, dim=64, touched=4096):
     results = {}
     for jit in (False, True):
         steps = {}
-        for kind, grad in (("sparse", slices), ("dense", dense)):
+        for kind, grad, kernel in (("sparse", slices, "auto"),
+                                   ("dense", dense, "auto"),
+                                   ("dense_portable", dense, False)):
             var = keras.Variable(np.zeros((rows, dim), np.float32))
-            opt = sm3_tf.SM3(1e-3, momentum=0.0)
+            opt = sm3_tf.SM3(1e-3, momentum=0.0, cpu_kernel=kernel)
             opt.build([var])
 
             steps[kind] = tf.function(_apply_fn(opt, var, grad),
@@ -205,8 +214,10 @@ def bench_sparse(rounds, rows=1_000_000, dim=64, touched=4096):
         med = harness.time_interleaved(steps, rounds, _wait)
         label = f"sparse, {'XLA' if jit else 'no XLA'}"
         print(f"{label}: sparse {1000 * med['sparse']:.2f} ms, dense "
-              f"{1000 * med['dense']:.2f} ms, ratio "
-              f"{med['sparse'] / med['dense']:.3f}x (target <= 0.1)")
+              f"{1000 * med['dense']:.2f} ms (portable path "
+              f"{1000 * med['dense_portable']:.2f}), ratio "
+              f"{med['sparse'] / med['dense']:.3f}x (target <= 0.1; "
+              f"{med['sparse'] / med['dense_portable']:.3f}x the portable)")
         results[label] = med
     return results
 
@@ -240,7 +251,7 @@ def bench_fit(rounds, jit_modes, steps_per_round=20, batch_size=32,
     results = {}
     for jit in jit_modes:
         models = {}
-        for name in ("sm3", "sm3_kernel", "adam"):
+        for name in ("sm3", "sm3_portable", "adam"):
             keras.utils.set_random_seed(0)
             model = transformer.Transformer(params, vocab, length)
             model.compile(
@@ -264,7 +275,7 @@ def bench_fit(rounds, jit_modes, steps_per_round=20, batch_size=32,
         print(f"\n{label}: steps/s, median (best) of {rounds} epochs:",
               ", ".join(f"{name} {rate[name]:.2f} ({best[name]:.2f})"
                         for name in models), flush=True)
-        for name in ("sm3", "sm3_kernel"):
+        for name in ("sm3", "sm3_portable"):
             print(f"  {name} / adam: {rate[name] / rate['adam']:.2f} "
                   f"({best[name] / best['adam']:.2f}) (target >= 1)",
                   flush=True)
@@ -371,6 +382,11 @@ def main():
                      "--no_dense skips")
     models = [m for m in args.models.split(",") if m]
     harness.check_names(parser, "--models", models, VARIABLE_SETS)
+    reason = cpu_kernel.unavailable_reason()
+    print("SM3() here (cpu_kernel=\"auto\"): "
+          + ("its CPU kernel" if reason is None
+             else f"its portable path ({reason})")
+          + "; sm3_portable: cpu_kernel=False", flush=True)
     results = {}
     if not args.no_dense:
         results["dense"] = bench_dense(models, xla_modes, args.rounds,

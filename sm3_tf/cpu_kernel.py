@@ -11,13 +11,16 @@ compiled step through `XlaCallModule`, declaring that it writes the
 variable, its accumulator and its momentum in place. A step's vectors
 (biases, normalization parameters: two small XLA loops each otherwise) go
 together through one more call, `vector_update`, with the one
-`vector_accumulator` they share.
+`vector_accumulator` they share; an embedding's sparse step without
+momentum is one call too, `sparse_update` (some twenty small TensorFlow
+ops otherwise).
 
-Opt in with `SM3(cpu_kernel=True)`. At first use the handler is compiled
-with the C++ compiler (`$CXX`, else `g++`) against TensorFlow's own headers
-into a cache (`$SM3_TF_CACHE`, else `~/.cache/sm3_tf`), then loaded. Where
-that cannot be done (no AVX-512F, no compiler, a GPU or TPU in the
-process), SM3 logs why once and takes its portable path; where the rule
+`SM3()` takes it where it can run (`cpu_kernel="auto"`, the default). At
+first use the handler is compiled with the C++ compiler (`$CXX`, else
+`g++`) against TensorFlow's own headers into a cache (`$SM3_TF_CACHE`, else
+`~/.cache/sm3_tf`), then loaded. Where that cannot be done (no AVX-512F, no
+compiler, a GPU or TPU in the process), SM3 says why once (a warning if
+`cpu_kernel=True` asked for it) and takes its portable path; where the rule
 differs from what the kernel does (`beta2 < 1`, dtypes other than float32),
 that variable (or group of vectors) takes the portable path. Either way the
 numbers are SM3's: the kernel rounds as the NumPy reference does.
@@ -40,7 +43,7 @@ from sm3_tf import rule
 
 _NATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 _SOURCES = ("sm3_kernel.h", "sm3_xla_cpu.cc")
-_NATIVE_VERSION = 5  # sm3_tf_native_version() of a current build
+_NATIVE_VERSION = 6  # sm3_tf_native_version() of a current build
 _FLAGS = ("-O3", "-mavx512f", "-ffp-contract=off", "-fno-math-errno",
           "-std=c++17", "-shared", "-fPIC")
 
@@ -115,7 +118,7 @@ def _load():
                 "SM3_TF_CACHE to a writable directory") from e
         os.close(fd)
         logging.getLogger("sm3_tf").info(
-            "SM3(cpu_kernel=True): building the CPU kernel (once) into %s",
+            "SM3: building the CPU kernel (once, about 10 s) into %s",
             library)
         try:
             result = subprocess.run(
@@ -147,8 +150,9 @@ def _rule_fits(optimizer, gradient, variable):
             and variable.dtype == "float32" and gradient.dtype == tf.float32)
 
 
-def _available():
-    """Whether the kernels can run in this process; warns once if not."""
+def _available(optimizer):
+    """Whether the kernels can run in this process; says why not once (a
+    warning where `cpu_kernel=True` asked for them, else at INFO level)."""
     global _warned
     if (tf.config.list_logical_devices("GPU")
             or tf.config.list_logical_devices("TPU")):
@@ -156,11 +160,13 @@ def _available():
     else:
         reason = unavailable_reason()
     if reason is not None:
-        if not _warned:
-            _warned = True
-            logging.getLogger("sm3_tf").warning(
-                "SM3(cpu_kernel=True): the CPU kernel is unavailable, so SM3 "
-                "takes its portable path: %s", reason)
+        asked = optimizer.cpu_kernel is True
+        if not _warned or (asked and _warned == "info"):
+            _warned = "warning" if asked else "info"
+            logging.getLogger("sm3_tf").log(
+                logging.WARNING if asked else logging.INFO,
+                "SM3(cpu_kernel=%r): the CPU kernel is unavailable, so SM3 "
+                "takes its portable path: %s", optimizer.cpu_kernel, reason)
         return False
     return True
 
@@ -168,7 +174,8 @@ def _available():
 def applies(optimizer, gradient, variable):
     """Whether `variable`'s step, traced now, runs as the matrix kernel."""
     return (len(variable.shape) >= 2
-            and _rule_fits(optimizer, gradient, variable) and _available())
+            and _rule_fits(optimizer, gradient, variable)
+            and _available(optimizer))
 
 
 def applies_to_vectors(optimizer, accumulator, items):
@@ -177,7 +184,45 @@ def applies_to_vectors(optimizer, accumulator, items):
     return (accumulator.dtype == tf.float32
             and all(_rule_fits(optimizer, gradient, variable)
                     for gradient, variable, _, _ in items)
-            and _available())
+            and _available(optimizer))
+
+
+def applies_to_sparse(optimizer, gradient, variable, momentum):
+    """Whether `variable`'s sparse step (a `tf.IndexedSlices` gradient over
+    its axis 0), traced now, runs as `sparse_update`: without momentum (with
+    it every row's momentum decays: a dense pass), rank >= 2, a batch of
+    known size."""
+    return (momentum is None and len(variable.shape) >= 2
+            and gradient.indices.shape.rank == 1
+            and gradient.indices.shape[0] is not None
+            and gradient.indices.dtype in (tf.int32, tf.int64)
+            and _rule_fits(optimizer, gradient, variable)
+            and _available(optimizer))
+
+
+def sparse_update(optimizer, indices, values, variable, accumulator,
+                  learning_rate):
+    """An embedding's sparse step without momentum as one call, in XLA: only
+    the rows in `indices` (repeats allowed) are read and written."""
+    shape = tuple(variable.shape)
+    cols = math.prod(shape[1:])
+    n = int(indices.shape[0])
+    matrix = _tensor_type((shape[0], cols))
+    packed = _tensor_type((sum(shape),))
+    operands = [
+        tf.cast(indices, tf.int32),
+        tf.reshape(values, [n, cols]),
+        tf.reshape(tf.convert_to_tensor(variable), [shape[0], cols]),
+        tf.cast(learning_rate, tf.float32),
+        tf.convert_to_tensor(accumulator),
+    ]
+    operand_types = [f"tensor<{n}xi32>", _tensor_type((n, cols)), matrix,
+                     _tensor_type(()), packed]
+    new_variable, new_accumulator = _call(
+        "sm3_tf_sparse", operands, operand_types, [(matrix, 2), (packed, 4)],
+        {"dims": (shape, "i64 array"), "eps": (optimizer.epsilon, "f32")})
+    optimizer.assign(accumulator, new_accumulator)
+    optimizer.assign(variable, tf.reshape(new_variable, shape))
 
 
 def dense_update(optimizer, gradient, variable, accumulator, momentum,

@@ -68,16 +68,21 @@ class SM3(keras.optimizers.Optimizer):
         epsilon: Float `>= 0` added to the second moment inside the square
             root. Entries whose second moment is zero get a zero update, so
             `0` is valid. Defaults to `1e-30`.
-        cpu_kernel: Boolean (TensorFlow backend). `True` runs the dense
-            step of each float32 matrix (rank >= 2) as one hand-written
-            AVX-512 pass inside the XLA program, which reads the gradient
-            once where XLA:CPU reads it three times, and the step's vectors
-            together in one more call: about the speed of SGD with
-            momentum (docs/performance.md). Built with the system's
-            C++ compiler at first use and cached; where the CPU, compiler or
-            device does not allow it, SM3 logs why once and takes its
-            portable path. Same rule, rounded as the NumPy reference rounds
-            it. Defaults to `False`.
+        cpu_kernel: `"auto"` (default), `True` or `False`; TensorFlow
+            backend. The CPU kernel runs the dense step of each float32
+            matrix (rank >= 2) as one hand-written AVX-512 pass inside the
+            XLA program, which reads the gradient once where XLA:CPU reads
+            it three times, and the step's vectors together in one more
+            call: about the speed of SGD with momentum
+            (docs/performance.md). Built with the system's C++ compiler at
+            first use (about 10 s) and cached. `"auto"` takes it wherever it
+            can run (an x86-64 CPU with AVX-512F, a C++ compiler, no GPU or
+            TPU in the process) and SM3's portable path elsewhere, saying
+            why at INFO level; `True` asks for it and warns once where it
+            cannot run; `False` never takes it. Same rule either way,
+            rounded as the NumPy reference rounds it. On Keras's other
+            backends SM3 always takes its portable path (`True` is refused
+            there).
         {{base_optimizer_keyword_args}}
 
     Reference:
@@ -91,7 +96,7 @@ class SM3(keras.optimizers.Optimizer):
         momentum=0.9,
         beta2=1.0,
         epsilon=1e-30,
-        cpu_kernel=False,
+        cpu_kernel="auto",
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -130,15 +135,17 @@ class SM3(keras.optimizers.Optimizer):
             name=name,
             **kwargs,
         )
-        if not isinstance(cpu_kernel, bool):
+        if not (isinstance(cpu_kernel, bool) or (
+            isinstance(cpu_kernel, str) and cpu_kernel == "auto")):
             raise ValueError(
-                "SM3: `cpu_kernel` must be a bool (True or False), got "
-                f"{cpu_kernel!r}"
+                "SM3 argument `cpu_kernel` must be one of (\"auto\", True, "
+                f"False); received cpu_kernel={cpu_kernel!r}."
             )
-        if cpu_kernel and not _is_tensorflow():
+        if cpu_kernel is True and not _is_tensorflow():
             raise ValueError(
                 "SM3: `cpu_kernel=True` needs Keras's TensorFlow backend "
-                f"(this is {keras.backend.backend()!r}); leave it False"
+                f"(this is {keras.backend.backend()!r}); leave it \"auto\" "
+                "or set it False"
             )
         self.momentum = float(momentum)
         self.beta2 = float(beta2)

@@ -36,20 +36,17 @@ def pack(accumulators, shape):
     return ops.concatenate(accumulators)
 
 
-def min_of_accumulators(accumulators, leading=None):
+def min_of_accumulators(accumulators):
     """The SM3 estimate `prev`: elementwise min of the per-axis accumulators.
 
     Args:
-        accumulators: one vector per axis, `accumulators[i]` of length `d_i`.
-        leading: optional tensor of shape `(n,)` that replaces
-            `accumulators[0]` (the sparse path passes the touched rows' values).
+        accumulators: one vector per axis, `accumulators[i]` of length `d_i`
+            (the sparse path passes the touched rows' entries as axis 0's).
 
     Returns:
-        A tensor of shape `(d_0, ..., d_k)` (or `(n, d_1, ..., d_k)`).
+        A tensor of shape `(d_0, ..., d_k)`.
     """
     vectors = list(accumulators)
-    if leading is not None:
-        vectors[0] = leading
     rank = len(vectors)
     prev = None
     for axis, vector in enumerate(vectors):

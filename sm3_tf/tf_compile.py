@@ -128,6 +128,24 @@ def _vectors_in_xla(optimizer, accumulator, items, learning_rate):
     optimizer._step_vectors(accumulator, items, learning_rate)
 
 
+def sparse_update(optimizer, gradient, variable, accumulator,
+                  learning_rate):
+    """The CPU kernel's sparse step (`cpu_kernel.sparse_update`), compiled
+    with XLA: one launch where TensorFlow ran some twenty small ops."""
+    _run_compiled(
+        optimizer, "_sm3_compiled_sparse_update", _sparse_in_xla,
+        (gradient.indices, tf.cast(gradient.values, tf.float32), variable,
+         accumulator, learning_rate), large=False)
+
+
+def _sparse_in_xla(optimizer, indices, values, variable, accumulator,
+                   learning_rate):
+    from sm3_tf import cpu_kernel
+
+    cpu_kernel.sparse_update(optimizer, indices, values, variable,
+                             accumulator, learning_rate)
+
+
 def dense_update(optimizer, gradient, variable, accumulator, momentum,
                  learning_rate):
     """`optimizer._dense_update(...)`, compiled with XLA where it can be."""

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from sm3_tf import SM3
 from sm3_tf import cpu_kernel
 
-from numpy_reference import SM3Reference
+from numpy_reference import SM3Reference, dense_from_slices
 
 _REASON = cpu_kernel.unavailable_reason()
 pytestmark = pytest.mark.skipif(
@@ -185,6 +185,91 @@ def test_compiled_step_steps_all_vectors_in_one_call_in_place():
                                       ref.acc[0])
 
 
+@st.composite
+def sparse_problems(draw):
+    # An embedding-like variable (rank 2 or 3), batches of ids with repeats
+    # (and an empty one), momentum 0: the kernel's sparse step.
+    shape = (draw(st.integers(1, 12)),) + tuple(
+        draw(st.integers(1, 40)) for _ in range(draw(st.integers(1, 2))))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    steps = []
+    for _ in range(draw(st.integers(1, 3))):
+        n = draw(st.integers(0, 10))
+        ids = rng.integers(0, shape[0], n).astype(np.int32)
+        values = rng.normal(size=(n,) + shape[1:]).astype(np.float32)
+        if draw(st.booleans()):  # exact zeros: nu == 0 entries get u = 0
+            values[rng.random(values.shape) < 0.5] = 0
+        steps.append((ids, values))
+    return dict(shape=shape, var=rng.normal(size=shape).astype(np.float32),
+                steps=steps, mode=draw(st.sampled_from(["eager", "xla"])),
+                epsilon=draw(st.sampled_from([0.0, 1e-30, 1e-3])))
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(sparse_problems())
+def test_sparse_kernel_follows_the_numpy_reference(p):
+    shape = p["shape"]
+    opt = SM3(LR, momentum=0.0, epsilon=p["epsilon"], cpu_kernel=True)
+    var = keras.Variable(p["var"])
+    opt.build([var])
+
+    def step(ids, values):
+        opt.apply_gradients([(tf.IndexedSlices(
+            values, ids, tf.constant(shape, tf.int64)), var)])
+
+    if p["mode"] == "xla":
+        step = tf.function(step, jit_compile=True)
+    ref = SM3Reference(p["var"], LR, 0.0, 1.0, p["epsilon"])
+    for ids, values in p["steps"]:
+        step(tf.constant(ids), tf.constant(values))
+        ref.step(dense_from_slices(ids, values, shape[0]))
+        # Repeated rows summed in order, as NumPy sums them: the same
+        # numbers, bit for bit, as the dense kernel's.
+        for got, want in zip(opt.accumulators_for(var), ref.acc):
+            np.testing.assert_array_equal(got.numpy(), want)
+        np.testing.assert_array_equal(var.numpy(), ref.var)
+
+
+@pytest.mark.parametrize("momentum, calls", [(0.0, 1), (0.9, 0)])
+def test_sparse_step_is_one_call_in_place_without_momentum(momentum, calls):
+    var = keras.Variable(np.ones((1000, 16), np.float32))
+    opt = SM3(LR, momentum=momentum)
+    opt.build([var])
+
+    @tf.function(jit_compile=True)
+    def step(ids, values):
+        opt.apply_gradients([(tf.IndexedSlices(
+            values, ids, tf.constant([1000, 16], tf.int64)), var)])
+
+    args = (tf.constant([3, 7, 3], tf.int32), tf.ones((3, 16)))
+    hlo = step.experimental_get_compiler_ir(*args)(stage="optimized_hlo")
+    sparse = [x for x in hlo.splitlines()
+              if 'custom_call_target="sm3_tf_sparse"' in x]
+    assert len(sparse) == calls
+    if calls:
+        # Operands (ids, values, w, lr, acc), results (w', acc').
+        assert ("output_to_operand_aliasing={{0}: (2, {}), {1}: (4, {})}"
+                in sparse[0])
+        assert not any(" copy(" in x for x in hlo.splitlines())
+    step(*args)
+    assert np.all(var.numpy()[[0, 1, 2, 4]] == 1.0)
+    assert np.all(var.numpy()[[3, 7]] < 1.0)
+
+
+def test_sparse_kernel_names_an_index_outside_the_rows():
+    var = keras.Variable(np.ones((5, 4), np.float32))
+    opt = SM3(LR, momentum=0.0, cpu_kernel=True)
+    opt.build([var])
+    before = opt.accumulator_for(var).numpy().copy()
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="index is outside the variable's rows"):
+        opt.apply_gradients([(tf.IndexedSlices(
+            tf.ones((2, 4)), tf.constant([1, 5]), tf.constant([5, 4])), var)])
+    np.testing.assert_array_equal(var.numpy(), np.ones((5, 4)))
+    np.testing.assert_array_equal(opt.accumulator_for(var).numpy(), before)
+
+
 def test_compiled_step_runs_the_kernel_in_place():
     var = keras.Variable(np.ones((64, 48), np.float32))
     opt = SM3(LR, cpu_kernel=True)
@@ -312,18 +397,39 @@ def test_nan_gradient_reaches_both_accumulators_as_in_the_reference():
     assert np.isnan(opt.accumulators_for(var)[0].numpy()[1])
 
 
-def test_unavailable_kernel_warns_once_and_falls_back(monkeypatch, caplog):
+@pytest.mark.parametrize("asked, level", [(True, logging.WARNING),
+                                          ("auto", logging.INFO)])
+def test_unavailable_kernel_says_why_once_and_falls_back(
+        monkeypatch, caplog, asked, level):
+    # Asked for (True): a warning; SM3's default ("auto"): INFO, no warning.
     monkeypatch.setattr(cpu_kernel, "_loaded", "this CPU has no AVX-512F")
     monkeypatch.setattr(cpu_kernel, "_warned", False)
     var = keras.Variable(np.ones((6, 7), np.float32))
-    opt = SM3(LR, cpu_kernel=True)
+    opt = SM3(LR, cpu_kernel=asked)
     opt.build([var])
-    with caplog.at_level(logging.WARNING, logger="sm3_tf"):
+    with caplog.at_level(logging.INFO, logger="sm3_tf"):
         for _ in range(2):
             _step_function(opt, var, "eager")(np.ones((6, 7), np.float32))
-    warnings = [r for r in caplog.records if "cpu_kernel" in r.getMessage()]
-    assert len(warnings) == 1 and "AVX-512F" in warnings[0].getMessage()
+    said = [r for r in caplog.records if "cpu_kernel" in r.getMessage()]
+    assert len(said) == 1 and "AVX-512F" in said[0].getMessage()
+    assert said[0].levelno == level
     ref = SM3Reference(np.ones((6, 7), np.float32), LR, 0.9, 1.0, 1e-30)
     for _ in range(2):
         ref.step(np.ones((6, 7), np.float32))
     np.testing.assert_allclose(var.numpy(), ref.var, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cpu_kernel_arg, calls", [
+    ({}, 1), ({"cpu_kernel": "auto"}, 1), ({"cpu_kernel": False}, 0)])
+def test_the_default_takes_the_kernel_where_it_can_run(cpu_kernel_arg, calls):
+    var = keras.Variable(np.ones((64, 48), np.float32))
+    opt = SM3(LR, **cpu_kernel_arg)
+    opt.build([var])
+
+    @tf.function(jit_compile=True)
+    def step(g):
+        opt.apply_gradients([(g, var)])
+
+    hlo = step.experimental_get_compiler_ir(tf.ones((64, 48)))(
+        stage="optimized_hlo")
+    assert hlo.count('custom_call_target="sm3_tf_step"') == calls

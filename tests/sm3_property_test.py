@@ -47,6 +47,10 @@ def problems(draw):
         momentum=draw(st.sampled_from([0.0, 0.9, 0.5])),
         beta2=draw(st.sampled_from([1.0, 0.99, 0.5])),
         epsilon=draw(st.sampled_from([0.0, 1e-30, 1e-3])),
+        # SM3's default takes the CPU kernel for float32 with beta2 = 1
+        # where it can run (tests/sm3_cpu_kernel_test.py holds it to the
+        # bit); False keeps the portable path.
+        cpu_kernel=draw(st.sampled_from([False, "auto"])),
     )
 
 
@@ -56,7 +60,7 @@ def problems(draw):
 def test_optimizer_matches_numpy_reference(p):
     lr = 0.25  # exactly representable: Keras keeps it in a float32 variable
     opt = SM3(learning_rate=lr, momentum=p["momentum"], beta2=p["beta2"],
-              epsilon=p["epsilon"])
+              epsilon=p["epsilon"], cpu_kernel=p["cpu_kernel"])
     var = keras.Variable(p["var"], dtype=p["dtype"])
     ref = SM3Reference(p["var"], lr, p["momentum"], p["beta2"], p["epsilon"])
     for g in p["grads"]:
@@ -86,7 +90,7 @@ def test_fewer_pass_reduction_equals_direct_reduction_bit_for_bit(shape, seed):
 @settings(max_examples=40, deadline=None)
 @given(problems())
 def test_accumulators_never_decrease_with_running_sum(p):
-    opt = SM3(momentum=0.0, beta2=1.0)
+    opt = SM3(momentum=0.0, beta2=1.0, cpu_kernel=p["cpu_kernel"])
     var = keras.Variable(p["var"], dtype=p["dtype"])
     before = None
     for g in p["grads"]:
@@ -111,7 +115,7 @@ def test_every_accumulator_holds_the_same_maximum(shape, dtype, beta2, folded,
     # multiply-add in one pass and not in the other (rule._rounded): the
     # maxima differed in a quarter of the steps on a 4 x 7 matrix.
     rng = np.random.default_rng(seed)
-    opt = SM3(momentum=0.0, beta2=beta2)
+    opt = SM3(momentum=0.0, beta2=beta2, cpu_kernel=False)  # XLA's passes
     var = keras.Variable(rng.normal(size=shape).astype(dtype), dtype=dtype)
     with _fold_every_size() if folded else contextlib.nullcontext():
         for _ in range(3):
@@ -206,7 +210,7 @@ def test_optimizer_with_folded_reductions_matches_numpy_reference(p):
     # a real step, and must still follow the reference.
     lr = 0.25
     with _fold_every_size():
-        opt = SM3(learning_rate=lr, momentum=p["momentum"])
+        opt = SM3(learning_rate=lr, momentum=p["momentum"], cpu_kernel=False)
         var = keras.Variable(p["var"])
         ref = SM3Reference(p["var"], lr, p["momentum"], 1.0, 1e-30)
         for g in p["grads"]:
@@ -226,7 +230,7 @@ def test_a_variable_above_the_fold_threshold_matches_numpy_reference():
     assert np.prod(shape) >= rule.FOLD_MIN_SIZE
     rng = np.random.default_rng(7)
     init = rng.normal(size=shape).astype(np.float32)
-    opt = SM3(learning_rate=0.25)
+    opt = SM3(learning_rate=0.25, cpu_kernel=False)
     var = keras.Variable(init)
     ref = SM3Reference(init, 0.25, 0.9, 1.0, 1e-30)
     for _ in range(3):
@@ -263,6 +267,7 @@ def model_problems(draw):
         mode=draw(st.sampled_from(["eager", "function", "xla"])),
         momentum=draw(st.sampled_from([0.0, 0.9])),
         beta2=draw(st.sampled_from([1.0, 0.99])),
+        cpu_kernel=draw(st.sampled_from([False, "auto"])),
     )
 
 
@@ -271,7 +276,8 @@ def model_problems(draw):
 @given(model_problems())
 def test_several_variables_and_subsets_match_numpy_reference(p):
     lr = 0.25
-    opt = SM3(learning_rate=lr, momentum=p["momentum"], beta2=p["beta2"])
+    opt = SM3(learning_rate=lr, momentum=p["momentum"], beta2=p["beta2"],
+              cpu_kernel=p["cpu_kernel"])
     variables = [keras.Variable(v, dtype=v.dtype) for v in p["values"]]
     opt.build(variables)
     refs = [SM3Reference(v, lr, p["momentum"], p["beta2"], 1e-30)

@@ -182,7 +182,7 @@ def test_defaults_are_the_spec_defaults():
     assert config["momentum"] == 0.9
     assert config["beta2"] == 1.0
     assert config["epsilon"] == 1e-30
-    assert config["cpu_kernel"] is False
+    assert config["cpu_kernel"] == "auto"
     assert config["name"] == "sm3"
 
 

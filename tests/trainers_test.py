@@ -50,6 +50,7 @@ def read_metrics(model_dir):
     (["--warmup_steps=10", "--train_steps=5"], "warmup_steps"),
     (["--optimizer=adam", "--cooldown_steps=3"], "cooldown_steps"),
     (["--optimizer=adam", "--sm3_cpu_kernel"], "sm3_cpu_kernel"),
+    (["--optimizer=adam", "--nosm3_cpu_kernel"], "sm3_cpu_kernel"),
     (["--dataset=wmt14_en_de"], "dataset"),
     (["--model=transformer", "--dataset=digits"], "dataset"),
     (["--resnet_depth=20"], "resnet_depth"),
@@ -85,14 +86,14 @@ def test_defaults_are_the_offline_jobs():
     assert transformer.dataset == "pydoc_reverse"
 
 
-def test_sm3_cpu_kernel_flag_reaches_the_optimizer():
-    config = train_lib.config_from_flags(
-        train_lib.parse_flags(["--sm3_cpu_kernel"]))
-    assert config.sm3_cpu_kernel is True
-    optimizer = optimizers.build_optimizer(
-        "sm3", 0.1, train_steps=10, sm3_cpu_kernel=config.sm3_cpu_kernel)
-    assert optimizer.cpu_kernel is True
-    assert optimizers.build_optimizer("sm3", 0.1, 10).cpu_kernel is False
+@pytest.mark.parametrize("argv, cpu_kernel", [
+    ([], "auto"), (["--sm3_cpu_kernel"], True),
+    (["--nosm3_cpu_kernel"], False)])
+def test_sm3_cpu_kernel_flag_reaches_the_optimizer(argv, cpu_kernel):
+    config = train_lib.config_from_flags(train_lib.parse_flags(argv))
+    optimizer = train_lib.build_optimizer(config)
+    assert optimizer.cpu_kernel == cpu_kernel
+    assert type(optimizer.cpu_kernel) is type(cpu_kernel)
 
 
 @pytest.mark.parametrize("name", optimizers.OPTIMIZERS)
@@ -203,6 +204,8 @@ def test_mirrored_strategy_on_two_cpu_devices(tmp_path):
 
 @pytest.mark.parametrize("cpu_kernel", [False, True])
 def test_transformer_on_the_offline_task_under_xla(tmp_path, cpu_kernel):
+    # Both of SM3's paths under a compiled step (the default, "auto", takes
+    # the kernel wherever it can run).
     from sm3_tf import cpu_kernel as kernel
 
     if cpu_kernel and kernel.unavailable_reason() is not None:
@@ -210,7 +213,7 @@ def test_transformer_on_the_offline_task_under_xla(tmp_path, cpu_kernel):
     result = run(tmp_path, "--model=transformer", "--transformer_size=tiny",
                  "--jit_compile", "--train_steps=4", "--batch_size=8",
                  "--steps_per_loop=2", "--eval_steps=1", "--beam_size=1",
-                 *(["--sm3_cpu_kernel"] if cpu_kernel else []))
+                 "--sm3_cpu_kernel" if cpu_kernel else "--nosm3_cpu_kernel")
     assert result["step"] == 4 and math.isfinite(result["loss"])
     assert result["eval_sentences"] == 8
 

@@ -36,7 +36,7 @@ def build_schedule(optimizer_name, learning_rate, train_steps, warmup_steps,
 
 def build_optimizer(name, learning_rate, train_steps, warmup_steps=0,
                     cooldown_steps=0, momentum=0.9, beta2=1.0, epsilon=1e-30,
-                    sm3_cpu_kernel=False, weight_decay=None, clipnorm=None,
+                    sm3_cpu_kernel="auto", weight_decay=None, clipnorm=None,
                     mixed_float16=False):
     """Returns the Keras optimizer `name` (one of OPTIMIZERS).
 

@@ -17,6 +17,10 @@
 // for a step's scalars and vectors together, acc the accumulator they
 // share. Attributes: offsets (i64 array: where each vector's entries start
 // in acc), momentum (i64, 0 or 1: whether m is there), mu, eps (f32).
+//
+//   sm3_tf_sparse: (ids, values, w, lr, acc) -> (w', acc')
+// an embedding's sparse step without momentum, touched rows only.
+// Attributes: dims (i64 array), eps (f32).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -234,6 +238,78 @@ ffi::Error Vectors(F32 lr, F32 acc, ffi::RemainingArgs args, F32Out acc_out,
   return ffi::Error::Success();
 }
 
+// An embedding's sparse step without momentum: only the rows in `ids` are
+// read and written (sm3_tf.sparse has the rule; the spec, "Sparse
+// gradients"). Operands ids (n, s32: rows of w, repeats allowed), values
+// (n, cols: one slice per id), w (rows, cols: the variable, its axis 0 the
+// rows), lr, acc (the accumulator: axis 0's vector, then the other axes',
+// end to end); results w', acc', each over its operand, and only the
+// touched entries written. Slices of a repeated row are summed in their
+// order before anything is squared; a touched row's accumulator becomes the
+// max of its old value and the row's nu, the other axes' the max of theirs
+// and the touched rows' nu. On the calling thread: a batch's rows are few.
+ffi::Error Sparse(ffi::Buffer<ffi::S32> ids, F32 values, F32 w, F32 lr, F32 acc_in,
+                  F32Out w_out, F32Out acc_out, ffi::Span<const int64_t> dims, float eps) {
+  const long rank = static_cast<long>(dims.size());
+  if (rank < 2) return ffi::Error::InvalidArgument("sm3_tf_sparse: dims must have rank >= 2");
+  const long rows = static_cast<long>(dims[0]);
+  long cols = 1, total = rows;
+  std::vector<long> trail_dims;
+  for (long a = 1; a < rank; ++a) {
+    trail_dims.push_back(static_cast<long>(dims[a]));
+    cols *= dims[a];
+    total += dims[a];
+  }
+  const long n = static_cast<long>(ids.element_count());
+  if (static_cast<long>(values.element_count()) != n * cols ||
+      static_cast<long>(w.element_count()) != rows * cols ||
+      static_cast<long>(acc_in.element_count()) != total)
+    return ffi::Error::InvalidArgument("sm3_tf_sparse: operands do not match dims");
+  // Untouched entries are not written: the results must be the operands'
+  // buffers, as sm3_tf declares them (output_operand_aliases).
+  if (w_out->typed_data() != w.typed_data() || acc_out->typed_data() != acc_in.typed_data())
+    return ffi::Error::InvalidArgument("sm3_tf_sparse: results must alias w and acc");
+  const int32_t* id = ids.typed_data();
+  for (long i = 0; i < n; ++i)
+    if (id[i] < 0 || id[i] >= rows)
+      return ffi::Error::InvalidArgument("sm3_tf_sparse: an index is outside the variable's rows");
+  std::vector<long> order(n);
+  for (long i = 0; i < n; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [id](long x, long y) { return id[x] < id[y]; });
+  float* acc = acc_out->typed_data();
+  std::vector<const float*> tail_in(rank - 1);
+  std::vector<float*> tail_max(rank - 1);
+  std::vector<std::vector<float>> tail_max_storage(rank - 1);
+  for (long a = 0, offset = rows; a < rank - 1; offset += trail_dims[a], ++a) {
+    tail_in[a] = acc + offset;
+    tail_max_storage[a].assign(trail_dims[a], 0.f);
+    tail_max[a] = tail_max_storage[a].data();
+  }
+  std::vector<float> col_prev(cols), col_max(cols, 0.f), g(cols);
+  MinOfAccumulators(tail_in.data(), trail_dims, cols, col_prev.data());
+  const float* v = values.typed_data();
+  float* var = w_out->typed_data();
+  for (long s = 0; s < n;) {
+    const long r = id[order[s]];
+    std::copy(v + order[s] * cols, v + (order[s] + 1) * cols, g.begin());
+    long e = s + 1;
+    for (; e < n && id[order[e]] == r; ++e) {
+      const float* slice = v + order[e] * cols;
+      for (long j = 0; j < cols; ++j) g[j] += slice[j];
+    }
+    const float prev = acc[r];
+    const Sm3Args a{1, cols, g.data(), var + r * cols, var + r * cols, nullptr, nullptr,
+                    &prev, col_prev.data(), nullptr, nullptr, *lr.typed_data(), 0.f, eps};
+    acc[r] = MaxKeepingNaN(prev, Sm3Row(a, 0, col_max.data()));
+    s = e;
+  }
+  MaxOverEachAxis(col_max.data(), trail_dims, cols, tail_max.data());
+  for (long a = 0, offset = rows; a < rank - 1; offset += trail_dims[a], ++a)
+    for (long j = 0; j < trail_dims[a]; ++j)
+      acc[offset + j] = MaxKeepingNaN(acc[offset + j], tail_max[a][j]);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Sm3VectorsHandler, Vectors,
@@ -270,6 +346,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Sm3StepHandler, Step,
 XLA_FFI_REGISTER_HANDLER(xla::ffi::GetXlaFfiApi(), "sm3_tf_step", "Host",
                          Sm3StepHandler);
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Sm3SparseHandler, Sparse,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<ffi::Span<const int64_t>>("dims")
+                                  .Attr<float>("eps"));
+
+XLA_FFI_REGISTER_HANDLER(xla::ffi::GetXlaFfiApi(), "sm3_tf_sparse", "Host",
+                         Sm3SparseHandler);
+
 // For sm3_tf.cpu_kernel: this library's ABI version; a mismatch means a
 // stale build.
-extern "C" int sm3_tf_native_version() { return 5; }
+extern "C" int sm3_tf_native_version() { return 6; }
