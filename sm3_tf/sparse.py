@@ -99,7 +99,7 @@ def sparse_step(optimizer, gradient, variable, accumulator, momentum,
       learning_rate: the current learning rate.
       offset: where a vector's entries start in `accumulator`.
     """
-    if optimizer.cpu_kernel:
+    if optimizer.cpu_kernel and tf_compile.can_compile_updates():
         from sm3_tf import cpu_kernel
 
         if cpu_kernel.applies_to_sparse(optimizer, gradient, variable,

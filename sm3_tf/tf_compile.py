@@ -39,6 +39,12 @@ def _single_replica():
     return tf.distribute.get_strategy().num_replicas_in_sync == 1
 
 
+def can_compile_updates():
+    """Whether an update traced now can be compiled: inside an XLA program,
+    or elsewhere with one replica (module docstring)."""
+    return in_xla_program() or _single_replica()
+
+
 def in_xla_program():
     """Whether the op being traced is part of an XLA-compiled function."""
     graph = tf.compat.v1.get_default_graph()
@@ -104,7 +110,7 @@ def vector_update(optimizer, distribution, accumulator, items,
     def update(_, gradients, learning_rate):
         grouped = [(gradient,) + other
                    for gradient, other in zip(gradients, rest)]
-        if not in_xla_program() and not _single_replica():
+        if not can_compile_updates():
             optimizer._step_vectors(accumulator, grouped, learning_rate)
             return
         _run_compiled(optimizer, "_sm3_compiled_vector_update",
@@ -149,7 +155,7 @@ def _sparse_in_xla(optimizer, indices, values, variable, accumulator,
 def dense_update(optimizer, gradient, variable, accumulator, momentum,
                  learning_rate):
     """`optimizer._dense_update(...)`, compiled with XLA where it can be."""
-    if not in_xla_program() and not _single_replica():
+    if not can_compile_updates():
         optimizer._dense_update(gradient, variable, accumulator, momentum,
                                 learning_rate)
         return
