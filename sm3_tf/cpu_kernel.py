@@ -43,7 +43,7 @@ from sm3_tf import rule
 
 _NATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 _SOURCES = ("sm3_kernel.h", "sm3_xla_cpu.cc")
-_NATIVE_VERSION = 6  # sm3_tf_native_version() of a current build
+_NATIVE_VERSION = 7  # sm3_tf_native_version() of a current build
 _FLAGS = ("-O3", "-mavx512f", "-ffp-contract=off", "-fno-math-errno",
           "-std=c++17", "-shared", "-fPIC")
 

@@ -231,6 +231,29 @@ def test_sparse_kernel_follows_the_numpy_reference(p):
         np.testing.assert_array_equal(var.numpy(), ref.var)
 
 
+def test_sparse_kernel_shares_many_rows_among_threads_like_the_reference():
+    # 3,000 ids over 2,000 rows of 64: about 1,500 distinct rows, in chunks
+    # of 1,024 rows shared among XLA's threads (each with its own column
+    # maxima); the same numbers as the reference, bit for bit.
+    rng = np.random.default_rng(5)
+    init = rng.normal(size=(2000, 64)).astype(np.float32)
+    var = keras.Variable(init)
+    opt = SM3(LR, momentum=0.0, cpu_kernel=True)
+    opt.build([var])
+    ref = SM3Reference(init, LR, 0.0, 1.0, 1e-30)
+    for _ in range(2):
+        ids = rng.integers(0, 2000, 3000).astype(np.int32)
+        values = rng.normal(size=(3000, 64)).astype(np.float32)
+        opt.apply_gradients([(tf.IndexedSlices(
+            tf.constant(values), tf.constant(ids), tf.constant([2000, 64])),
+            var)])
+        ref.step(dense_from_slices(ids, values, 2000))
+    assert len(np.unique(ids)) > 1024
+    for got, want in zip(opt.accumulators_for(var), ref.acc):
+        np.testing.assert_array_equal(got.numpy(), want)
+    np.testing.assert_array_equal(var.numpy(), ref.var)
+
+
 @pytest.mark.parametrize("momentum, calls", [(0.0, 1), (0.9, 0)])
 def test_sparse_step_is_one_call_in_place_without_momentum(momentum, calls):
     var = keras.Variable(np.ones((1000, 16), np.float32))

@@ -247,9 +247,11 @@ ffi::Error Vectors(F32 lr, F32 acc, ffi::RemainingArgs args, F32Out acc_out,
 // touched entries written. Slices of a repeated row are summed in their
 // order before anything is squared; a touched row's accumulator becomes the
 // max of its old value and the row's nu, the other axes' the max of theirs
-// and the touched rows' nu. On the calling thread: a batch's rows are few.
-ffi::Error Sparse(ffi::Buffer<ffi::S32> ids, F32 values, F32 w, F32 lr, F32 acc_in,
-                  F32Out w_out, F32Out acc_out, ffi::Span<const int64_t> dims, float eps) {
+// and the touched rows' nu. The distinct rows are shared out among XLA's
+// threads, as the matrix step's rows are.
+ffi::Error Sparse(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> ids, F32 values, F32 w, F32 lr,
+                  F32 acc_in, F32Out w_out, F32Out acc_out, ffi::Span<const int64_t> dims,
+                  float eps) {
   const long rank = static_cast<long>(dims.size());
   if (rank < 2) return ffi::Error::InvalidArgument("sm3_tf_sparse: dims must have rank >= 2");
   const long rows = static_cast<long>(dims[0]);
@@ -285,23 +287,46 @@ ffi::Error Sparse(ffi::Buffer<ffi::S32> ids, F32 values, F32 w, F32 lr, F32 acc_
     tail_max_storage[a].assign(trail_dims[a], 0.f);
     tail_max[a] = tail_max_storage[a].data();
   }
-  std::vector<float> col_prev(cols), col_max(cols, 0.f), g(cols);
+  std::vector<float> col_prev(cols), col_max(cols);
   MinOfAccumulators(tail_in.data(), trail_dims, cols, col_prev.data());
+  // The distinct rows (runs of equal ids in `order`), shared out among the
+  // threads in chunks of about 256 KiB of gradient: each row is one
+  // thread's, so no two write the same entry; column maxima per thread.
+  std::vector<long> starts;
+  for (long s = 0; s < n; ++s)
+    if (s == 0 || id[order[s]] != id[order[s - 1]]) starts.push_back(s);
+  starts.push_back(n);
+  const long distinct = static_cast<long>(starts.size()) - 1;
+  const long rows_per_chunk = std::max(1L, 65536 / std::max(1L, cols));
+  const long chunks = (distinct + rows_per_chunk - 1) / rows_per_chunk;
+  const int slots = static_cast<int>(std::max<int64_t>(1, pool.num_threads() + 1));
+  std::vector<float> g_all(static_cast<size_t>(slots) * cols),
+      col_max_all(static_cast<size_t>(slots) * cols, 0.f);
   const float* v = values.typed_data();
   float* var = w_out->typed_data();
-  for (long s = 0; s < n;) {
-    const long r = id[order[s]];
-    std::copy(v + order[s] * cols, v + (order[s] + 1) * cols, g.begin());
-    long e = s + 1;
-    for (; e < n && id[order[e]] == r; ++e) {
-      const float* slice = v + order[e] * cols;
-      for (long j = 0; j < cols; ++j) g[j] += slice[j];
+  const float rate = *lr.typed_data();
+  const int used = ParallelChunks(pool, chunks, slots, [&](long chunk, int slot) {
+    float* g = g_all.data() + static_cast<size_t>(slot) * cols;
+    float* slot_col_max = col_max_all.data() + static_cast<size_t>(slot) * cols;
+    const long last = std::min(distinct, (chunk + 1) * rows_per_chunk);
+    for (long k = chunk * rows_per_chunk; k < last; ++k) {
+      const long r = id[order[starts[k]]];
+      std::copy(v + order[starts[k]] * cols, v + (order[starts[k]] + 1) * cols, g);
+      for (long e = starts[k] + 1; e < starts[k + 1]; ++e) {
+        const float* slice = v + order[e] * cols;
+        for (long j = 0; j < cols; ++j) g[j] += slice[j];
+      }
+      const float prev = acc[r];
+      const Sm3Args a{1, cols, g, var + r * cols, var + r * cols, nullptr, nullptr,
+                      &prev, col_prev.data(), nullptr, nullptr, rate, 0.f, eps};
+      acc[r] = MaxKeepingNaN(prev, Sm3Row(a, 0, slot_col_max));
     }
-    const float prev = acc[r];
-    const Sm3Args a{1, cols, g.data(), var + r * cols, var + r * cols, nullptr, nullptr,
-                    &prev, col_prev.data(), nullptr, nullptr, *lr.typed_data(), 0.f, eps};
-    acc[r] = MaxKeepingNaN(prev, Sm3Row(a, 0, col_max.data()));
-    s = e;
+  });
+  for (long j = 0; j < cols; ++j) {
+    float x = 0.f;
+    for (int t = 0; t < used; ++t)
+      x = MaxKeepingNaN(x, col_max_all[static_cast<size_t>(t) * cols + j]);
+    col_max[j] = x;
   }
   MaxOverEachAxis(col_max.data(), trail_dims, cols, tail_max.data());
   for (long a = 0, offset = rows; a < rank - 1; offset += trail_dims[a], ++a)
@@ -348,6 +373,7 @@ XLA_FFI_REGISTER_HANDLER(xla::ffi::GetXlaFfiApi(), "sm3_tf_step", "Host",
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Sm3SparseHandler, Sparse,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<F32>()
                                   .Arg<F32>()
@@ -363,4 +389,4 @@ XLA_FFI_REGISTER_HANDLER(xla::ffi::GetXlaFfiApi(), "sm3_tf_sparse", "Host",
 
 // For sm3_tf.cpu_kernel: this library's ABI version; a mismatch means a
 // stale build.
-extern "C" int sm3_tf_native_version() { return 6; }
+extern "C" int sm3_tf_native_version() { return 7; }
