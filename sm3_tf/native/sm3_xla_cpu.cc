@@ -126,6 +126,16 @@ void MaxOverEachAxis(const float* maxima, const std::vector<long>& dims, long n,
   });
 }
 
+// out[j] = the max of per_thread[t * cols + j] over the `used` threads' rows
+// of column maxima (NaN kept).
+void MaxOverThreads(const float* per_thread, int used, long cols, float* out) {
+  for (long j = 0; j < cols; ++j) {
+    float x = 0.f;
+    for (int t = 0; t < used; ++t) x = MaxKeepingNaN(x, per_thread[static_cast<size_t>(t) * cols + j]);
+    out[j] = x;
+  }
+}
+
 ffi::Error Step(ffi::ThreadPool pool, F32 g, F32 w, F32 lr, F32 acc_in,
                 ffi::RemainingArgs args, F32Out w_out, F32Out acc_out_buffer,
                 ffi::RemainingRets rets, ffi::Span<const int64_t> dims, int64_t lead,
@@ -180,12 +190,7 @@ ffi::Error Step(ffi::ThreadPool pool, F32 g, F32 w, F32 lr, F32 acc_in,
     Sm3Rows(a, chunk * chunk_rows, std::min(rows, (chunk + 1) * chunk_rows),
             col_max.data() + static_cast<size_t>(slot) * cols);
   });
-  for (long j = 0; j < cols; ++j) {
-    float x = 0.f;
-    for (int t = 0; t < used; ++t)
-      x = MaxKeepingNaN(x, col_max[static_cast<size_t>(t) * cols + j]);
-    col_max_all[j] = x;
-  }
+  MaxOverThreads(col_max.data(), used, cols, col_max_all.data());
   MaxOverEachAxis(row_max.data(), lead_dims, rows, acc_out.data());
   MaxOverEachAxis(col_max_all.data(), trail_dims, cols, acc_out.data() + lead);
   return ffi::Error::Success();
@@ -322,12 +327,7 @@ ffi::Error Sparse(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> ids, F32 values, F
       acc[r] = MaxKeepingNaN(prev, Sm3Row(a, 0, slot_col_max));
     }
   });
-  for (long j = 0; j < cols; ++j) {
-    float x = 0.f;
-    for (int t = 0; t < used; ++t)
-      x = MaxKeepingNaN(x, col_max_all[static_cast<size_t>(t) * cols + j]);
-    col_max[j] = x;
-  }
+  MaxOverThreads(col_max_all.data(), used, cols, col_max.data());
   MaxOverEachAxis(col_max.data(), trail_dims, cols, tail_max.data());
   for (long a = 0, offset = rows; a < rank - 1; offset += trail_dims[a], ++a)
     for (long j = 0; j < trail_dims[a]; ++j)
