@@ -255,8 +255,8 @@ class SM3(keras.optimizers.Optimizer):
         which saved no layout number. A store that fits none of them gets
         Keras's warning and loads nothing.
         """
-        keys = [key for key in store.keys() if key != LAYOUT_KEY]
-        if len(keys) != len(list(store.keys())):
+        keys = list(store.keys())
+        if LAYOUT_KEY in keys:
             layout = int(np.asarray(store[LAYOUT_KEY]))
             if layout != LAYOUT:
                 raise ValueError(
@@ -264,7 +264,7 @@ class SM3(keras.optimizers.Optimizer):
                     f"which this sm3_tf (layout {LAYOUT}) cannot read; load "
                     "it with the sm3_tf that saved it."
                 )
-            values = [store[str(i)] for i in range(len(keys))]
+            values = [store[str(i)] for i in range(len(keys) - 1)]
         else:
             values = self._from_older_layout(store)
             if values is None:

@@ -59,6 +59,23 @@ def _settings(draw):
                 mode=draw(st.sampled_from(["xla", "function", "eager"])))
 
 
+def _assert_follows_reference(opt, var, ref, momentum):
+    """The kernel rounds nu as NumPy does and max is exact: the
+    accumulators are the reference's, bit for bit. Without momentum so is
+    the variable: g / sqrt(nu + eps), then var - lr * u, each rounded once,
+    as NumPy rounds them (the fused multiply-add rounds lr * u and the
+    subtraction once: equal where lr * u is exact, lr = 1/4). With it, the
+    momentum's mu * m + (1 - mu) * u is one fused multiply-add: within a
+    unit or two in the last place of the reference."""
+    for got, want in zip(opt.accumulators_for(var), ref.acc, strict=True):
+        np.testing.assert_array_equal(got.numpy(), want)
+    if momentum == 0:
+        np.testing.assert_array_equal(var.numpy(), ref.var)
+    else:
+        np.testing.assert_allclose(var.numpy(), ref.var, rtol=1e-6,
+                                   atol=1e-6)
+
+
 @st.composite
 def problems(draw):
     rank = draw(st.integers(2, 4))
@@ -85,20 +102,7 @@ def test_kernel_follows_the_numpy_reference(p):
     for g in p["grads"]:
         step(g)
         ref.step(g)
-        # The kernel rounds nu as NumPy does and max is exact: the
-        # accumulators are the reference's, bit for bit.
-        for got, want in zip(opt.accumulators_for(var), ref.acc):
-            np.testing.assert_array_equal(got.numpy(), want)
-        if p["momentum"] == 0:
-            # g / sqrt(nu + eps), then var - lr * u, each rounded once, as
-            # NumPy rounds them (the fused multiply-add rounds lr * u and
-            # the subtraction once: equal where lr * u is exact, lr = 1/4).
-            np.testing.assert_array_equal(var.numpy(), ref.var)
-        else:
-            # The momentum's mu * m + (1 - mu) * u is one fused multiply-
-            # add: within a unit or two in the last place of the reference.
-            np.testing.assert_allclose(var.numpy(), ref.var, rtol=1e-6,
-                                       atol=1e-6)
+        _assert_follows_reference(opt, var, ref, p["momentum"])
 
 
 @st.composite
@@ -143,13 +147,7 @@ def test_vectors_follow_the_numpy_reference(p):
         for i, g in grads:
             refs[i].step(g)
         for var, ref in zip(variables, refs):
-            (acc,) = opt.accumulators_for(var)
-            np.testing.assert_array_equal(acc.numpy(), ref.acc[0])
-            if p["momentum"] == 0:  # as for matrices (above)
-                np.testing.assert_array_equal(var.numpy(), ref.var)
-            else:
-                np.testing.assert_allclose(var.numpy(), ref.var, rtol=1e-6,
-                                           atol=1e-6)
+            _assert_follows_reference(opt, var, ref, p["momentum"])
 
 
 def test_compiled_step_steps_all_vectors_in_one_call_in_place():
@@ -226,9 +224,7 @@ def test_sparse_kernel_follows_the_numpy_reference(p):
         ref.step(dense_from_slices(ids, values, shape[0]))
         # Repeated rows summed in order, as NumPy sums them: the same
         # numbers, bit for bit, as the dense kernel's.
-        for got, want in zip(opt.accumulators_for(var), ref.acc):
-            np.testing.assert_array_equal(got.numpy(), want)
-        np.testing.assert_array_equal(var.numpy(), ref.var)
+        _assert_follows_reference(opt, var, ref, 0.0)
 
 
 def test_sparse_kernel_shares_many_rows_among_threads_like_the_reference():
@@ -249,9 +245,7 @@ def test_sparse_kernel_shares_many_rows_among_threads_like_the_reference():
             var)])
         ref.step(dense_from_slices(ids, values, 2000))
     assert len(np.unique(ids)) > 1024
-    for got, want in zip(opt.accumulators_for(var), ref.acc):
-        np.testing.assert_array_equal(got.numpy(), want)
-    np.testing.assert_array_equal(var.numpy(), ref.var)
+    _assert_follows_reference(opt, var, ref, 0.0)
 
 
 @pytest.mark.parametrize("momentum, calls", [(0.0, 1), (0.9, 0)])
