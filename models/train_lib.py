@@ -74,6 +74,11 @@ def define_flags(flag_values=flags.FLAGS):
         "the kernel wherever it can run; --sm3_cpu_kernel asks for it (a "
         "warning where it cannot run); --nosm3_cpu_kernel keeps SM3's "
         "portable path.", **fv)
+    flags.DEFINE_enum(
+        "sm3_momentum_dtype", None, ("float32", "bfloat16"),
+        "SM3's momentum_dtype: the dtype its momentum is stored in (its "
+        "arithmetic is float32 either way; bfloat16 halves SM3's state). "
+        "Unset: the variable's dtype.", **fv)
     flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (Keras's), >= 0.", **fv)
     flags.DEFINE_float("clipnorm", 0.0, "Clip each gradient to this norm; 0: off.", **fv)
     flags.DEFINE_integer(
@@ -154,6 +159,7 @@ class RunConfig:
     beta2: float
     epsilon: float
     sm3_cpu_kernel: Optional[bool]
+    sm3_momentum_dtype: Optional[str]
     weight_decay: float
     clipnorm: float
     warmup_steps: int
@@ -252,9 +258,13 @@ def config_from_flags(fv):
         raise _bad("cooldown_steps", "is SM3's schedule; the other optimizers "
                    "decay with a cosine. Leave it 0 with "
                    f"--optimizer={config.optimizer}.")
-    if config.sm3_cpu_kernel is not None and config.optimizer != "sm3":
-        raise _bad("sm3_cpu_kernel", "is an SM3 argument; drop it with "
-                   f"--optimizer={config.optimizer}.")
+    for name in ("sm3_cpu_kernel", "sm3_momentum_dtype"):
+        if getattr(config, name) is not None and config.optimizer != "sm3":
+            raise _bad(name, "is an SM3 argument; drop it with "
+                       f"--optimizer={config.optimizer}.")
+    if config.sm3_momentum_dtype is not None and config.momentum == 0:
+        raise _bad("sm3_momentum_dtype", "stores SM3's momentum, and "
+                   "--momentum=0 keeps none; drop one of them.")
     if config.warmup_steps + config.cooldown_steps > config.train_steps:
         raise _bad("cooldown_steps", "warm-up plus cool-down must fit in "
                    f"--train_steps={config.train_steps}.")
@@ -343,6 +353,7 @@ def build_optimizer(config):
         # Unset: SM3's own default.
         sm3_cpu_kernel=("auto" if config.sm3_cpu_kernel is None
                         else config.sm3_cpu_kernel),
+        sm3_momentum_dtype=config.sm3_momentum_dtype,
         weight_decay=config.weight_decay, clipnorm=config.clipnorm,
         mixed_float16=config.mixed_precision == "mixed_float16")
 

@@ -10,6 +10,7 @@ Exit status: 0 done (or preempted after saving), 1 bad flags, 2 missing data,
 3 non-finite loss.
 """
 
+import logging as py_logging
 import os
 import sys
 
@@ -28,10 +29,30 @@ train_lib.define_flags()
 FLAGS = flags.FLAGS
 
 
+def _log_each_line_once():
+    """Sends TensorFlow's Python log records through absl's handler only.
+
+    Importing TensorFlow (here through models.train_lib, before app.run)
+    sets up its "tensorflow" logger while the root logger has no handler
+    yet, and then that logger gets a stderr handler of its own
+    (tf_logging.get_logger). app.run() puts absl's handler on the root
+    logger and removes stderr handlers from the root logger only, so every
+    TensorFlow line came out twice: `INFO:tensorflow:...` from TensorFlow's
+    handler, then in absl's format by propagation. Without TensorFlow's
+    handler each line comes out once, in absl's format like the rest.
+    """
+    tf_logger = py_logging.getLogger("tensorflow")
+    for handler in list(tf_logger.handlers):
+        if (type(handler) is py_logging.StreamHandler
+                and handler.stream in (sys.stderr, sys.stdout)):
+            tf_logger.removeHandler(handler)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
+    _log_each_line_once()
     try:
         config = train_lib.config_from_flags(FLAGS)
     except flags.ValidationError as err:

@@ -1,6 +1,6 @@
-"""Counting optimizer state: how many bytes each optimizer keeps, and where.
+"""Optimizer memory: the state each optimizer keeps, and what a step holds.
 
-Two ways to count, which the tests hold equal:
+Two ways to count state, which the tests hold equal:
 
 - `optimizer_state_bytes(optimizer)` measures a *built* Keras optimizer: the
   bytes of its own variables, less the step counter and learning rate that
@@ -11,10 +11,19 @@ Two ways to count, which the tests hold equal:
 
 Kinds: `embedding`, `conv_kernel`, `dense_kernel` (any other rank >= 2
 tensor), `vector` (rank 1) and `scalar`.
+
+What a compiled step holds at once (state, inputs, outputs and every
+temporary) is XLA's buffer assignment, exact and the same on any machine:
+`jax_step_bytes` (Keras's JAX backend) and `tf_step_bytes` (TensorFlow,
+from XLA's dump: `start_tf_xla_dump` first, in a fresh process).
 """
 
 import collections
+import glob
 import math
+import os
+import re
+import tempfile
 
 import keras
 import numpy as np
@@ -177,3 +186,97 @@ def state_report(variables, optimizers=tuple(STATE_RULES)):
         }
     return report
 
+
+
+# ------------------------------------------------- what a compiled step holds
+
+
+def jax_step_bytes(jitted, *args):
+    """What the jitted function `jitted` holds while it runs on `args`
+    (arrays or `jax.ShapeDtypeStruct`s: nothing is allocated).
+
+    Returns a dict: `total` (arguments + outputs - the outputs written over
+    donated arguments + temporaries), `temporary`, `arguments`, `outputs`,
+    `aliased`, in bytes, from XLA's buffer assignment (`memory_analysis`).
+    """
+    analysis = jitted.lower(*args).compile().memory_analysis()
+    figures = {
+        "arguments": analysis.argument_size_in_bytes,
+        "outputs": analysis.output_size_in_bytes,
+        "aliased": analysis.alias_size_in_bytes,
+        "temporary": analysis.temp_size_in_bytes,
+    }
+    figures["total"] = (figures["arguments"] + figures["outputs"]
+                        - figures["aliased"] + figures["temporary"])
+    return figures
+
+
+def start_tf_xla_dump(directory=None):
+    """Makes TensorFlow's XLA write each program's buffer assignment to
+    `directory` (default: a new temporary one), which `tf_step_bytes` reads.
+
+    XLA reads its flags once, at the process's first compilation: call this
+    before anything is compiled with XLA (a fresh process). Returns the
+    directory.
+    """
+    directory = directory or tempfile.mkdtemp(prefix="sm3_tf_xla_")
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_dump_to={directory}".strip()
+    return directory
+
+
+def tf_step_bytes(function, *args):
+    """What XLA assigns to the compiled program(s) of `function` on `args`.
+
+    `function` is a `tf.function`. Compiled whole (`jit_compile=True`), its
+    program's bytes are returned, as `jax_step_bytes` returns them:
+    `total` (variables and inputs included) and `temporary`. Otherwise the
+    step runs once, and the programs it launches (SM3's per-variable
+    compiled updates) are read: `largest_temporary`, the most temporary
+    bytes any of them holds, and `launched`, how many there were.
+
+    Needs `start_tf_xla_dump` before the process's first XLA compilation.
+    """
+    directory = _xla_dump_directory()
+    pattern = os.path.join(directory, "*memory-usage-report.txt")
+    before = set(glob.glob(pattern))
+    whole = bool(getattr(function, "_jit_compile", None))
+    if whole:
+        function.experimental_get_compiler_ir(*args)(stage="optimized_hlo")
+    else:
+        function(*args)
+    programs = [_program_bytes(path)
+                for path in sorted(set(glob.glob(pattern)) - before)]
+    if not programs:
+        raise RuntimeError(
+            "XLA compiled nothing new for this step: already compiled, or "
+            "XLA's flags were read before start_tf_xla_dump")
+    if whole:
+        return max(programs, key=lambda p: p["total"])
+    return {"largest_temporary": max(p["temporary"] for p in programs),
+            "launched": len(programs)}
+
+
+def _xla_dump_directory():
+    found = re.search(r"--xla_dump_to=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    if not found:
+        raise RuntimeError(
+            "call sm3_tf.memory.start_tf_xla_dump() before TensorFlow "
+            "compiles anything with XLA (in a fresh process)")
+    return found.group(1)
+
+
+def _program_bytes(report):
+    """`{"total", "temporary"}` of one dumped program: its memory report's
+    total, less its parameters' buffers (from its buffer assignment)."""
+    with open(report) as f:
+        total = int(re.search(r"Total bytes used: (\d+)", f.read()).group(1))
+    assignment = report.replace("memory-usage-report.txt",
+                                "buffer-assignment.txt")
+    parameters = 0
+    with open(assignment) as f:
+        for line in f:
+            found = re.match(r"allocation \d+: size (\d+), parameter ", line)
+            if found:
+                parameters += int(found.group(1))
+    return {"total": total, "temporary": total - parameters}

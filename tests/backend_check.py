@@ -1,11 +1,18 @@
-"""Run as a script under KERAS_BACKEND=<name>: SM3's dense rule on that backend.
+"""Run as a script under KERAS_BACKEND=<name>: SM3 on that backend.
 
-Prints one JSON line: the largest difference from the NumPy reference after
-three steps (a rank-3 variable, a scalar, and a matrix large enough for the
-folded reductions, its rows folded by runs: `rule.fold_runs`), how many
-blocks the reductions use on this backend and whether they reduce each fold
-in two, `fit`'s first and last loss, and on JAX the compiled step's temporary
-memory as a fraction of the variable's size.
+Prints one JSON line with:
+- `max_diff`: the largest difference from the NumPy reference after three
+  steps (a rank-3 variable, a scalar, and a 300 x 256 matrix), with SM3's
+  default `cpu_kernel` ("auto": the CPU kernel where it runs, on JAX);
+- `kernel_bit_exact`, `kernel_calls` (JAX): whether `cpu_kernel=True` gives
+  the reference's numbers bit for bit, and how many kernel calls the
+  compiled step makes (None where the kernel is unavailable);
+- `nan_entries`: which entries of a (3, 4) kernel are non-finite after a
+  step whose gradient has one NaN, and after one more finite step;
+- `losses`: `fit`'s first and last loss;
+- `cpu_kernel_error`: the error for `cpu_kernel=True` where it cannot be;
+- on JAX, `step_bytes`: the compiled `stateless_apply` step's temporary
+  bytes over the matrix's bytes, for each path (`memory_analysis`).
 """
 
 import json
@@ -20,74 +27,92 @@ import keras  # noqa: E402
 
 from numpy_reference import SM3Reference  # noqa: E402
 from sm3_tf import SM3  # noqa: E402
-from sm3_tf import optimizer as sm3_optimizer  # noqa: E402
 
 
-def jax_step_temp_fraction(shape=(1024, 512)):
-    """Temporary bytes of a compiled SM3 step (JAX) over the variable's bytes.
+def reference_diff(cpu_kernel):
+    rng = np.random.default_rng(0)
+    opt = SM3(learning_rate=0.25, momentum=0.9, epsilon=0.0,
+              cpu_kernel=cpu_kernel)
+    shapes = [(3, 4, 2), (), (300, 256)]
+    inits = [rng.normal(size=s).astype("float32") for s in shapes]
+    variables = [keras.Variable(v) for v in inits]
+    refs = [SM3Reference(v, 0.25, 0.9, 1.0, 0.0) for v in inits]
+    for _ in range(3):
+        grads = [rng.normal(size=s).astype("float32") for s in shapes]
+        opt.apply_gradients(zip([keras.ops.convert_to_tensor(g)
+                                 for g in grads], variables))
+        for ref, g in zip(refs, grads):
+            ref.step(g)
+    return max(float(np.abs(keras.ops.convert_to_numpy(v) - r.var).max())
+               for v, r in zip(variables, refs))
 
-    A matrix large enough for the folded reductions; momentum 0, so the
-    update itself needs no buffer beyond the variable's.
-    """
+
+def nan_entries():
+    var = keras.Variable(np.zeros((3, 4), np.float32))
+    opt = SM3(learning_rate=0.25, momentum=0.0)
+    grad = np.ones((3, 4), np.float32)
+    grad[1, 2] = np.nan
+    seen = []
+    for g in (grad, np.ones((3, 4), np.float32)):
+        opt.apply_gradients([(keras.ops.convert_to_tensor(g), var)])
+        value = keras.ops.convert_to_numpy(var)
+        seen.append(np.argwhere(~np.isfinite(value)).tolist())
+    return seen
+
+
+def jax_step(shape, **kwargs):
+    """`(temporary bytes / the matrix's bytes, kernel calls, final
+    variable)` of a jitted `stateless_apply` step with the state donated."""
     import jax
 
     var = keras.Variable(np.ones(shape, np.float32))
-    opt = SM3(0.1, momentum=0.0)
+    opt = SM3(0.25, momentum=0.0, epsilon=0.0, **kwargs)
     opt.build([var])
     step = jax.jit(lambda trainable, state, grads: opt.stateless_apply(
-        state, grads, trainable))
-    compiled = step.lower([var.value], [v.value for v in opt.variables],
-                          [jax.numpy.ones(shape, np.float32)]).compile()
+        state, grads, trainable), donate_argnums=(0, 1))
+    trainable, state = [var.value], [v.value for v in opt.variables]
+    grads = [jax.numpy.full(shape, 0.5, np.float32)]
+    compiled = step.lower(trainable, state, grads).compile()
+    calls = compiled.as_text().count('custom_call_target="sm3_tf_step"')
     temp = compiled.memory_analysis().temp_size_in_bytes
-    return temp / (np.prod(shape) * 4)
+    rng = np.random.default_rng(1)
+    ref = SM3Reference(np.ones(shape, np.float32), 0.25, 0.0, 1.0, 0.0)
+    for _ in range(3):
+        g = rng.normal(size=shape).astype(np.float32)
+        trainable, state = step(trainable, state, [g])
+        ref.step(g)
+    exact = bool(np.array_equal(np.asarray(trainable[0]), ref.var))
+    return temp / (np.prod(shape) * 4), calls, exact
 
 
 def main():
-    rng = np.random.default_rng(0)
-    opt = SM3(learning_rate=0.25, momentum=0.9, epsilon=0.0)
-    init = rng.normal(size=(3, 4, 2)).astype("float32")
-    var = keras.Variable(init)
-    scalar = keras.Variable(np.float32(0.5))
-    ref = SM3Reference(init, 0.25, 0.9, 1.0, 0.0)
-    ref_scalar = SM3Reference(np.float32(0.5), 0.25, 0.9, 1.0, 0.0)
-    big_init = rng.normal(size=(300, 256)).astype("float32")  # folded
-    big = keras.Variable(big_init)
-    ref_big = SM3Reference(big_init, 0.25, 0.9, 1.0, 0.0)
-    for _ in range(3):
-        g = rng.normal(size=(3, 4, 2)).astype("float32")
-        g_big = rng.normal(size=(300, 256)).astype("float32")
-        opt.apply_gradients([
-            (keras.ops.convert_to_tensor(g), var),
-            (keras.ops.convert_to_tensor(np.float32(0.1)), scalar),
-            (keras.ops.convert_to_tensor(g_big), big),
-        ])
-        ref.step(g)
-        ref_scalar.step(np.float32(0.1))
-        ref_big.step(g_big)
-    diff = max(
-        float(np.abs(keras.ops.convert_to_numpy(var) - ref.var).max()),
-        float(np.abs(keras.ops.convert_to_numpy(scalar) - ref_scalar.var)),
-        float(np.abs(keras.ops.convert_to_numpy(big) - ref_big.var).max()),
-    )
+    result = {"backend": keras.backend.backend(),
+              "max_diff": reference_diff("auto"),
+              "nan_entries": nan_entries()}
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)),
                               keras.layers.Dense(8, activation="relu"),
                               keras.layers.Dense(1)])
     model.compile(optimizer=SM3(0.05), loss="mse")
-    x = rng.normal(size=(64, 4)).astype("float32")
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
     history = model.fit(x, x.sum(1, keepdims=True), epochs=5, verbose=0)
-    result = {"backend": keras.backend.backend(), "max_diff": diff,
-              "blocks": sm3_optimizer._reduction_blocks(big),
-              "split_fold_reductions":
-                  sm3_optimizer._split_fold_reductions(),
-              "losses": history.history["loss"]}
-    try:  # the CPU kernel is TensorFlow's: elsewhere a clear error
+    result["losses"] = history.history["loss"]
+    try:
         SM3(cpu_kernel=True)
         result["cpu_kernel_error"] = None
     except ValueError as e:
         result["cpu_kernel_error"] = str(e)
     if keras.backend.backend() == "jax":
-        result["step_temp_fraction"] = jax_step_temp_fraction()
+        from sm3_tf.kernels import native
+
+        result["kernel_unavailable"] = native.build("jax")
+        shape = (1024, 512)
+        portable, _, _ = jax_step(shape, cpu_kernel=False)
+        result["step_bytes"] = {"portable": portable}
+        if result["kernel_unavailable"] is None:
+            kernel, calls, exact = jax_step(shape, cpu_kernel=True)
+            result["step_bytes"]["kernel"] = kernel
+            result["kernel_calls"], result["kernel_bit_exact"] = calls, exact
     print(json.dumps(result))
 
 

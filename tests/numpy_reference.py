@@ -1,17 +1,23 @@
-"""A NumPy transcription of ../shared/docs/sm3-spec.md, written for clarity.
+"""A NumPy transcription of the rule in docs/spec.md, written for clarity.
 
-It reduces each axis directly (no pass-saving tricks) so that the package's
-faster implementation is checked against the plain statement of the rule.
+It reduces each axis directly (no pass-saving view) so that the package's
+implementations are checked against the plain statement of the rule.
 """
 
+import ml_dtypes
 import numpy as np
 
 
 class SM3Reference:
-    """Dense SM3-II on one NumPy array, one `step(grad)` at a time."""
+    """Dense SM3-II on one NumPy array, one `step(grad)` at a time.
+
+    `momentum_dtype`: None (the variable's) or "bfloat16": the momentum is
+    stored rounded to it, its arithmetic done in the variable's dtype, and
+    the variable steps by the momentum as stored.
+    """
 
     def __init__(self, var, learning_rate=0.1, momentum=0.9, beta2=1.0,
-                 epsilon=1e-30):
+                 epsilon=1e-30, momentum_dtype=None):
         self.var = np.array(var)
         self.lr = learning_rate
         self.momentum = momentum
@@ -22,7 +28,9 @@ class SM3Reference:
             self.acc = [np.zeros(self.var.shape, dtype)]
         else:
             self.acc = [np.zeros(d, dtype) for d in self.var.shape]
-        self.m = np.zeros_like(self.var)
+        self.stored = (ml_dtypes.bfloat16 if momentum_dtype == "bfloat16"
+                       else dtype)
+        self.m = np.zeros(self.var.shape, self.stored)
 
     def prev(self):
         if self.var.ndim <= 1:
@@ -40,10 +48,13 @@ class SM3Reference:
         if self.var.size == 0:
             return self.var
         prev = self.prev()
+        with np.errstate(invalid="ignore", over="ignore"):
+            square = grad * grad
+        square = np.where(np.isnan(square), np.inf, square)  # NaN counts as inf
         if self.beta2 == 1.0:
-            nu = prev + grad * grad
+            nu = prev + square
         else:
-            nu = self.beta2 * prev + (1 - self.beta2) * grad * grad
+            nu = self.beta2 * prev + (1 - self.beta2) * square
         if self.var.ndim <= 1:
             self.acc = [nu]
         else:
@@ -53,11 +64,13 @@ class SM3Reference:
                 for i in axes
             ]
         with np.errstate(divide="ignore", invalid="ignore"):
-            u = np.where(nu > 0, grad / np.sqrt(nu + self.epsilon), 0.0)
+            u = np.where(nu == 0, 0.0, grad / np.sqrt(nu + self.epsilon))
         u = u.astype(self.var.dtype)
         if self.momentum > 0:
-            self.m = self.momentum * self.m + (1 - self.momentum) * u
-            self.var = self.var - self.lr * self.m
+            m = self.m.astype(self.var.dtype)
+            m = self.momentum * m + (1 - self.momentum) * u
+            self.m = m.astype(self.stored)  # stored, then stepped by
+            self.var = self.var - self.lr * self.m.astype(self.var.dtype)
         else:
             self.var = self.var - self.lr * u
         return self.var

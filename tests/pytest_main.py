@@ -17,7 +17,7 @@ def main(argv):
         os.environ.setdefault(
             "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tmp, ".hypothesis")
         )
-        # And SM3's built CPU kernel (sm3_tf/cpu_kernel.py) out of $HOME.
+        # And SM3's built CPU kernel (sm3_tf/kernels/native.py) out of $HOME.
         os.environ.setdefault("SM3_TF_CACHE", os.path.join(tmp, "sm3_tf"))
     args = ["-p", "no:cacheprovider", "-q"]
     xml = os.environ.get("XML_OUTPUT_FILE")

@@ -1,6 +1,11 @@
-"""sm3_tf.memory: counts from shapes equal what built optimizers hold."""
+"""sm3_tf.memory: counted state equals what built optimizers hold, and
+what a compiled step holds, from XLA's buffer assignment."""
 
+import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -76,3 +81,57 @@ def test_half_precision_variables_keep_float32_statistics():
 def test_unknown_optimizer_is_named():
     with pytest.raises(ValueError, match="rmsprop"):
         memory.state_report([("w", (2, 2), "float32")], ["rmsprop"])
+
+
+# ------------------------------------------- what a compiled step holds
+
+_CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      "step_memory_check.py")
+
+
+def _step_memory(backend):
+    """tests/step_memory_check.py's figures, in a fresh process (XLA reads
+    its dump flags once, at a process's first compilation)."""
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+    root = os.path.dirname(os.path.dirname(_CHECK))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    out = subprocess.run([sys.executable, _CHECK], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_a_compiled_step_holds_what_sgd_holds_plus_the_accumulators(backend):
+    # From XLA's buffer assignment, exact: where the CPU kernel runs, SM3's
+    # step holds SGD's (momentum 0) or SGD with momentum's (momentum 0.9;
+    # half the momentum's bytes in bfloat16) plus its accumulators, plus
+    # under 1% of the parameters. The portable step (what GPUs and TPUs
+    # run) holds one variable's `nu` more, the largest, never all of them
+    # at once: its updates are chained. TensorFlow without whole-step XLA
+    # runs one compiled program per variable: each holds at most its own.
+    if backend == "jax" and importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed (pip install jax)")
+    r = _step_memory(backend)
+    params, state, largest = r["parameters"], r["accumulators"], r["largest"]
+    steps = r["steps"]
+    sgd, sgd_momentum = steps["sgd"]["total"], steps["sgd_momentum"]["total"]
+    assert sgd == pytest.approx(2 * params, rel=1e-3)  # variables, grads
+    slack = 0.01 * params
+    portable = {"sm3_portable": sgd,
+                "sm3_portable_momentum": sgd_momentum,
+                "sm3_portable_bf16_momentum": sgd + params / 2}
+    for name, base in portable.items():
+        assert steps[name]["total"] <= base + state + largest + slack, name
+        assert steps[name]["total"] >= base + state, name
+        if backend == "tensorflow":
+            assert steps[name]["largest_temporary"] <= largest + slack, name
+    if r["kernel_unavailable"] is not None:
+        pytest.skip(f"CPU kernel unavailable: {r['kernel_unavailable']}")
+    kernel = {"sm3_kernel": sgd, "sm3_kernel_momentum": sgd_momentum,
+              "sm3_kernel_bf16_momentum": sgd + params / 2}
+    for name, base in kernel.items():
+        assert steps[name]["total"] <= base + state + slack, name
+        if backend == "tensorflow":
+            assert steps[name]["largest_temporary"] <= slack, name

@@ -107,7 +107,7 @@ def test_zero_size_variable_is_left_alone():
     _run(opt, [empty, other], [np.zeros((0, 3), np.float32),
                                np.ones((2,), np.float32)], 2)
     assert empty.shape == (0, 3)
-    assert opt.accumulators_for(empty) == []
+    assert opt.accumulators_for(empty) == ()
     assert opt.momentum_for(empty) is None
     assert np.all(other.numpy() < 1)
 
@@ -123,6 +123,12 @@ def test_zero_size_variable_is_left_alone():
         ({"epsilon": -1e-8}, "epsilon"),
         ({"momentum": "0.9"}, "momentum"),
         ({"cpu_kernel": "yes"}, "cpu_kernel"),
+        ({"learning_rate": float("nan")}, "learning_rate"),
+        ({"learning_rate": float("inf")}, "learning_rate"),
+        ({"epsilon": float("nan")}, "epsilon"),
+        ({"momentum": float("nan")}, "momentum"),
+        ({"momentum_dtype": "float16"}, "momentum_dtype"),
+        ({"momentum_dtype": "int8"}, "momentum_dtype"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_range(kwargs, needle):
@@ -134,6 +140,7 @@ def test_bad_arguments_name_the_argument_and_range(kwargs, needle):
 def test_boundary_arguments_are_accepted():
     SM3(learning_rate=0.0, momentum=0.0, beta2=1.0, epsilon=0.0)
     SM3(momentum=0.999, beta2=1e-3)
+    SM3(learning_rate=np.float32(0.5), momentum_dtype="bfloat16")
 
 
 def test_variable_of_unknown_shape_gets_a_clear_error():
@@ -151,7 +158,7 @@ def test_config_round_trip_keeps_every_argument():
               weight_decay=0.01, clipnorm=1.0, use_ema=True,
               ema_momentum=0.9, ema_overwrite_frequency=3,
               loss_scale_factor=2.0, gradient_accumulation_steps=2,
-              cpu_kernel=True, name="my_sm3")
+              momentum_dtype="bfloat16", cpu_kernel=True, name="my_sm3")
     config = opt.get_config()
     serialized = json.dumps(keras.optimizers.serialize(opt))
     assert json.loads(serialized)["registered_name"] == "sm3_tf>SM3"
@@ -169,7 +176,7 @@ def test_config_round_trip_keeps_every_argument():
     for key in ("momentum", "beta2", "epsilon", "weight_decay", "clipnorm",
                 "use_ema", "ema_momentum", "ema_overwrite_frequency",
                 "loss_scale_factor", "gradient_accumulation_steps",
-                "cpu_kernel", "name"):
+                "momentum_dtype", "cpu_kernel", "name"):
         assert config[key] == getattr(opt, key), key
         assert getattr(restored, key) == getattr(opt, key), key
     assert (restored.momentum, restored.beta2, restored.epsilon) == (
@@ -183,49 +190,52 @@ def test_defaults_are_the_spec_defaults():
     assert config["beta2"] == 1.0
     assert config["epsilon"] == 1e-30
     assert config["cpu_kernel"] == "auto"
+    assert config["momentum_dtype"] is None
     assert config["name"] == "sm3"
 
 
-def test_slot_layout_order_and_names_are_deterministic():
-    variables = [
-        keras.Variable(np.zeros((4, 3, 2), np.float32), name="conv"),
-        keras.Variable(np.zeros((3,), np.float32), name="bias"),
-        keras.Variable(np.float32(0.0), name="scale"),
-    ]
+def test_state_is_one_slot_per_dimension_named_after_its_variable():
+    # The design's layout: per model variable, in order, one accumulator
+    # per axis (rank >= 2) or one of its shape (rank <= 1), then momentum.
+    layer = keras.layers.Dense(3, name="dense")
+    layer.build((None, 4))
+    conv = keras.Variable(np.zeros((4, 3, 2), np.float32), name="conv")
+    scale = keras.Variable(np.float32(0.0), name="scale")
+    variables = [layer.kernel, layer.bias, conv, scale]
     opt = SM3(momentum=0.9)
     opt.build(variables)
-    names = [v.name for v in opt.variables]
-    assert names == [
-        "iteration", "learning_rate",
-        "conv_accumulator", "conv_momentum",
-        "bias_momentum", "scale_momentum",
-        "vector_accumulator",
+    got = [(v.name, tuple(v.shape)) for v in opt.variables]
+    assert got == [
+        ("iteration", ()), ("learning_rate", ()),
+        ("dense_kernel_accumulator_0", (4,)),
+        ("dense_kernel_accumulator_1", (3,)),
+        ("dense_kernel_momentum", (4, 3)),
+        ("dense_bias_accumulator", (3,)),
+        ("dense_bias_momentum", (3,)),
+        ("conv_accumulator_0", (4,)), ("conv_accumulator_1", (3,)),
+        ("conv_accumulator_2", (2,)), ("conv_momentum", (4, 3, 2)),
+        ("scale_accumulator", ()), ("scale_momentum", ()),
     ]
-    shapes = [tuple(v.shape) for v in opt.variables[2:]]
-    # The conv's per-axis vectors end to end: 4 + 3 + 2 entries; the bias's
-    # and the scale's entries share one vector, in that order.
-    assert shapes == [(9,), (4, 3, 2), (3,), (), (4,)]
-    assert opt.accumulator_for(variables[1]) is opt.variables[-1]
-    assert opt.accumulator_for(variables[2]) is opt.variables[-1]
+    assert opt.accumulators_for(conv) == tuple(opt.variables[7:10])
+    assert opt.momentum_for(conv) is opt.variables[10]
+    # Nothing is shared between model variables.
+    owned = [id(v) for var in variables for v in (
+        *opt.accumulators_for(var), opt.momentum_for(var))]
+    assert len(owned) == len(set(owned)) == len(opt.variables) - 2
     no_momentum = SM3(momentum=0.0)
     no_momentum.build(variables)
     assert not any("momentum" in v.name for v in no_momentum.variables)
+    assert all(no_momentum.momentum_for(v) is None for v in variables)
 
 
-def test_vectors_of_each_compute_dtype_share_one_accumulator():
-    variables = [
-        keras.Variable(np.zeros((3,), np.float32), name="a"),
-        keras.Variable(np.zeros((2,)), dtype="float64", name="b"),
-        keras.Variable(np.zeros((5,)), dtype="float16", name="c"),
-    ]
-    opt = SM3(momentum=0.0)
-    opt.build(variables)
-    buffers = [(v.name, v.dtype, tuple(v.shape)) for v in opt.variables[2:]]
-    # float16 variables keep float32 statistics: beside the float32 ones.
-    assert buffers == [
-        ("vector_accumulator_float32", "float32", (8,)),
-        ("vector_accumulator_float64", "float64", (2,)),
-    ]
+@pytest.mark.parametrize("momentum_dtype, stored", [
+    (None, "float32"), ("float32", "float32"), ("bfloat16", "bfloat16")])
+def test_momentum_dtype_stores_the_momentum_in_it(momentum_dtype, stored):
+    var = keras.Variable(np.ones((3, 2), np.float32))
+    opt = SM3(momentum_dtype=momentum_dtype)
+    opt.build([var])
+    assert opt.momentum_for(var).dtype == stored
+    assert all(a.dtype == "float32" for a in opt.accumulators_for(var))
 
 
 def test_sm3_state_is_tiny_next_to_the_variable():
@@ -273,7 +283,7 @@ def test_float64_computes_in_float64():
 
 def test_package_exports():
     assert sm3_tf.SM3 is SM3
-    assert isinstance(sm3_tf.__version__, str)
+    assert sm3_tf.QuadraticWarmup is sm3_tf.schedules.QuadraticWarmup
 
 
 def test_quadratic_warmup_schedule_and_cooldown():

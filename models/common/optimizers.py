@@ -36,13 +36,13 @@ def build_schedule(optimizer_name, learning_rate, train_steps, warmup_steps,
 
 def build_optimizer(name, learning_rate, train_steps, warmup_steps=0,
                     cooldown_steps=0, momentum=0.9, beta2=1.0, epsilon=1e-30,
-                    sm3_cpu_kernel="auto", weight_decay=None, clipnorm=None,
-                    mixed_float16=False):
+                    sm3_cpu_kernel="auto", sm3_momentum_dtype=None,
+                    weight_decay=None, clipnorm=None, mixed_float16=False):
     """Returns the Keras optimizer `name` (one of OPTIMIZERS).
 
-    `momentum`, `beta2`, `epsilon` and `sm3_cpu_kernel` (`cpu_kernel`) are
-    SM3's arguments (momentum is also SGD's); the other optimizers keep
-    Keras's defaults for theirs.
+    `momentum`, `beta2`, `epsilon`, `sm3_cpu_kernel` (`cpu_kernel`) and
+    `sm3_momentum_dtype` (`momentum_dtype`) are SM3's arguments (momentum
+    is also SGD's); the other optimizers keep Keras's defaults for theirs.
     `mixed_float16` wraps the optimizer in a `LossScaleOptimizer`, which
     float16 gradients need to stay representable.
     """
@@ -55,7 +55,7 @@ def build_optimizer(name, learning_rate, train_steps, warmup_steps=0,
     if name == "sm3":
         optimizer = sm3_tf.SM3(schedule, momentum=momentum, beta2=beta2,
                                epsilon=epsilon, cpu_kernel=sm3_cpu_kernel,
-                               **common)
+                               momentum_dtype=sm3_momentum_dtype, **common)
     elif name == "adam":
         optimizer = keras.optimizers.Adam(schedule, **common)
     elif name == "adagrad":
