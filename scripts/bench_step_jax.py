@@ -8,13 +8,13 @@ optimizers, each step one `optimizer.stateless_apply` under `jax.jit`, with
 the variables and the optimizer state donated (updated in place, as
 TensorFlow updates its variables), rounds interleaved, medians and SM3's
 ratios printed. JAX always compiles with XLA, so the ratios are set against
-the XLA targets. It runs on JAX's default device: a GPU where JAX has one
-(`JAX_PLATFORMS=cpu` forces the CPU). On a GPU it shows whether XLA:GPU
-computes SM3's row and column maxima in the update's pass, which XLA:CPU
-cannot (docs/performance.md).
-
-`--compare_unsplit` adds SM3 traced with its folds reduced whole, not in two
-(`rule.fold_max`; how SM3 ran on JAX before), in the same rounds.
+the XLA targets. `sm3` is `SM3()` as users get it: on JAX's CPU its CPU
+kernel (`sm3_tf.kernels.native`, through `jax.ffi`; the first line printed
+says whether it runs here), elsewhere its portable path; `sm3_portable` is
+`SM3(cpu_kernel=False)`, the rule as `keras.ops`, so both paths are timed.
+It runs on JAX's default device: a GPU where JAX has one
+(`JAX_PLATFORMS=cpu` forces the CPU); there `sm3` takes the portable path
+too, and the table shows how XLA:GPU runs SM3's rule (docs/performance.md).
 
 The script sets `KERAS_BACKEND=jax` unless it is set; set to another
 backend, it stops with an error.
@@ -37,9 +37,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import model_shapes  # noqa: E402
 
-from sm3_tf import optimizer as sm3_optimizer  # noqa: E402
 
-UNSPLIT = " (folds reduced whole)"
+def kernel_unavailable():
+    """None where `SM3()` takes its CPU kernel here, else why not."""
+    if jax.default_backend() != "cpu":
+        return (f"JAX runs on {jax.default_backend()} (the kernel is for "
+                "CPUs)")
+    from sm3_tf.kernels import native
+
+    return native.build("jax")
 
 
 def make_values(shapes, seed=0):
@@ -71,21 +77,6 @@ def step_function(optimizer, values, grads):
     return step
 
 
-def build_step(name, values, grads):
-    """`step_function` for an optimizer name, `UNSPLIT` ones included."""
-    if not name.endswith(UNSPLIT):
-        return step_function(harness.build_optimizer(name), values, grads)
-    chosen = sm3_optimizer._split_fold_reductions
-    sm3_optimizer._split_fold_reductions = lambda: False
-    try:  # the choice is read when the step is traced: trace it now
-        step = step_function(
-            harness.build_optimizer(name[:-len(UNSPLIT)]), values, grads)
-        jax.block_until_ready(step())
-    finally:
-        sm3_optimizer._split_fold_reductions = chosen
-    return step
-
-
 def bench(models, rounds, optimizers, cap_dims=None):
     results = {}
     device = jax.devices()[0]
@@ -102,7 +93,8 @@ def bench(models, rounds, optimizers, cap_dims=None):
         steps = {}
         for name in optimizers:
             start = time.perf_counter()
-            steps[name] = build_step(name, values, grads)
+            steps[name] = step_function(harness.build_optimizer(name),
+                                        values, grads)
             jax.block_until_ready(steps[name]())  # trace and compile
             print(f"  compiled {name} in {time.perf_counter() - start:.1f} s",
                   flush=True)
@@ -116,15 +108,18 @@ def bench(models, rounds, optimizers, cap_dims=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet50,transformer_big")
+    parser.add_argument("--models", default="resnet50,transformer_big",
+                        help="variable sets, comma-separated, from: "
+                        + ", ".join(model_shapes.MODELS)
+                        + " (default: %(default)s)")
     parser.add_argument("--optimizers",
-                        default=",".join(harness.OPTIMIZER_NAMES))
-    parser.add_argument("--rounds", type=int, default=7)
+                        default=",".join(harness.OPTIMIZER_NAMES),
+                        help="comma-separated (default: all of %(default)s)")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="interleaved rounds; the median is reported")
     parser.add_argument("--cap_dims", type=int,
                         help="cut every axis to at most this many entries: "
                         "the step's fixed cost per kernel, without the data")
-    parser.add_argument("--compare_unsplit", action="store_true",
-                        help="also time SM3 with its folds reduced whole")
     parser.add_argument("--json", help="write all medians to this file")
     args = parser.parse_args()
     if keras.backend.backend() != "jax":
@@ -139,11 +134,9 @@ def main():
     optimizers = [o for o in args.optimizers.split(",") if o]
     harness.check_names(parser, "--optimizers", optimizers,
                         harness.OPTIMIZER_NAMES)
-    if args.compare_unsplit:
-        optimizers += [name + UNSPLIT for name in optimizers
-                       if name.startswith("sm3")]
     models = [m for m in args.models.split(",") if m]
     harness.check_names(parser, "--models", models, model_shapes.MODELS)
+    harness.say_sm3_path(kernel_unavailable())
     results = bench(models, args.rounds, optimizers, args.cap_dims)
     if args.json:
         with open(args.json, "w") as f:

@@ -295,8 +295,9 @@ def main():
         factors = [float(f) for f in args.lr_factors.split(",")]
     except ValueError:
         parser.error(f"--lr_factors must be numbers; got {args.lr_factors!r}")
-    if any(f <= 0 for f in factors) or not factors:
-        parser.error("--lr_factors must be positive numbers")
+    if any(not f > 0 for f in factors):
+        parser.error(f"--lr_factors must be positive numbers; got "
+                     f"{args.lr_factors!r}")
     if args.train_steps < args.log_every:
         parser.error(f"--train_steps ({args.train_steps}) must be at least "
                      f"--log_every ({args.log_every})")

@@ -23,11 +23,11 @@ def build_optimizer(name, learning_rate=1e-4):
         "adagrad": lambda: keras.optimizers.Adagrad(learning_rate),
         "adam": lambda: keras.optimizers.Adam(learning_rate),
         "adafactor": lambda: keras.optimizers.Adafactor(learning_rate),
-        # SM3 as users get it: on TensorFlow its CPU kernel where it can run
-        # (cpu_kernel="auto"), its portable path on other backends.
+        # SM3 as users get it (cpu_kernel="auto"): its CPU kernel where it
+        # can run (TensorFlow or JAX on a CPU), its portable path elsewhere.
         "sm3": lambda: sm3_tf.SM3(learning_rate, momentum=0.9),
         "sm3_no_momentum": lambda: sm3_tf.SM3(learning_rate, momentum=0.0),
-        # TensorFlow only: the portable path, without the CPU kernel.
+        # The portable path (keras.ops) everywhere: cpu_kernel=False.
         "sm3_portable": lambda: sm3_tf.SM3(learning_rate, momentum=0.9,
                                            cpu_kernel=False),
         "sm3_portable_no_momentum": lambda: sm3_tf.SM3(
@@ -40,8 +40,17 @@ def build_optimizer(name, learning_rate=1e-4):
 
 
 OPTIMIZER_NAMES = ("sgd", "sgd_momentum", "adagrad", "adam", "adafactor",
-                   "sm3", "sm3_no_momentum")
-TENSORFLOW_ONLY_NAMES = ("sm3_portable", "sm3_portable_no_momentum")
+                   "sm3", "sm3_no_momentum", "sm3_portable",
+                   "sm3_portable_no_momentum")
+
+
+def say_sm3_path(reason):
+    """Prints which path `SM3()` (`sm3`) takes here: its CPU kernel where
+    `reason` (why the kernel is unavailable) is None."""
+    print('SM3() here (cpu_kernel="auto"): '
+          + ("its CPU kernel" if reason is None
+             else f"its portable path ({reason})")
+          + "; sm3_portable: cpu_kernel=False", flush=True)
 
 
 def draw_problem(shapes, seed=0):

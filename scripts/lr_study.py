@@ -86,8 +86,11 @@ def main():
     parser.add_argument("--learning_rate", type=float, default=0.1)
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
-    if args.epochs < 1 or args.seeds < 1 or args.learning_rate <= 0:
-        parser.error("--epochs and --seeds must be >= 1, --learning_rate > 0")
+    for flag in ("epochs", "seeds"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
+    if not args.learning_rate > 0:
+        parser.error(f"--learning_rate: must be > 0, got {args.learning_rate}")
     os.makedirs(args.out, exist_ok=True)
     data = load_digits()
     seeds = list(range(args.seeds))

@@ -14,8 +14,10 @@ input shapes, and how many kernels the optimized program has.
 Read it for proportions, not for sums: XLA:CPU runs independent kernels side
 by side on the 2 cores and splits large loops across them, so the thread
 times add up to more than the step's wall time (`bench_step.py` measures
-that). This is how the small fused reductions of docs/performance.md
-(item 8) were found: 48 kernels that took more thread time than the updates.
+that). SM3's CPU kernel (`sm3` where it runs; `sm3_portable` never) is one
+`custom-call` kernel per matrix: its time is the calling thread's, from the
+call's start to its end, and the work it hands to XLA's other threads is
+not counted again.
 """
 
 import argparse
@@ -48,8 +50,10 @@ def kernel_shapes(hlo_text):
     entry = hlo_text[hlo_text.index("\nENTRY"):]
     shapes, operands, kernels = {}, {}, 0
     for line in entry.splitlines()[1:]:
-        match = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\((.*?)\)",
-                         line)
+        # A shape is an array's (no spaces) or a tuple's (the CPU kernel's
+        # custom call returns the variable and its state).
+        match = re.match(r"\s*(?:ROOT )?%(\S+) = (\((?:[^()]|\([^()]*\))*\)"
+                         r"|\S+) ([\w-]+)\((.*?)\)", line)
         if not match:
             continue
         name, shape, opcode, args = match.groups()
@@ -124,6 +128,8 @@ def main():
                         bench_step.OPTIMIZERS)
     if args.steps < 1:
         parser.error(f"--steps: must be >= 1, got {args.steps}")
+    if args.top < 0:
+        parser.error(f"--top: must be >= 0, got {args.top}")
     for model in models:
         shapes = bench_step.VARIABLE_SETS[model]()
         print(f"== {model}: {len(shapes)} variables", flush=True)

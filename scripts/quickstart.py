@@ -54,6 +54,8 @@ def main():
     args = parser.parse_args()
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if not args.learning_rate >= 0:
+        parser.error(f"--learning_rate must be >= 0, got {args.learning_rate}")
 
     keras.utils.set_random_seed(0)
     (x_train, y_train), (x_test, y_test) = load_digits()

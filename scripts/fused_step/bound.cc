@@ -1,9 +1,10 @@
-// sm3_tf's single-pass CPU kernel (sm3_tf/native/sm3_kernel.h) alone,
-// against SGD, SGD with momentum and Adam written the same way (one loop per
-// tensor, all OpenMP threads), over a model's variables: what the kernel
-// costs outside XLA. Driven by fused_step.py; reads "rows cols" lines (cols
-// 0: a vector) from the file named by argv[1]; argv[2] rounds. Checks the
-// kernel bit for bit against a scalar loop of the rule first.
+// sm3_tf's single-pass CPU kernel (sm3_tf/kernels/native/sm3_kernel.h)
+// alone, against SGD, SGD with momentum and Adam written the same way (one
+// loop per tensor, all OpenMP threads), over a model's variables: what the
+// kernel costs outside XLA. Driven by fused_step.py, built like the kernel
+// (-march=native, -ffp-contract=off); reads "rows cols" lines (cols 0: a
+// vector) from the file named by argv[1]; argv[2] rounds. Checks the kernel
+// bit for bit against a scalar loop of the rule first.
 #include <omp.h>
 
 #include <algorithm>
@@ -11,54 +12,59 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <random>
 #include <vector>
 
-#include "../../sm3_tf/native/sm3_kernel.h"  // the kernel sm3_tf runs
+#include "../../sm3_tf/kernels/native/sm3_kernel.h"  // the kernel sm3_tf runs
 
 namespace {
 
 // The whole matrix on all OpenMP threads: rows split statically, one
-// column-maxima buffer per thread, merged at the end.
-inline void Sm3Step(const Sm3Args& a) {
+// column-maxima buffer per thread (zero-filled), merged at the end, as
+// sm3_tf's XLA handler shares a matrix among XLA's threads.
+inline void Sm3Step(const sm3::StepArgs& a, float* row_out, float* col_out) {
   const int threads = omp_get_max_threads();
   std::vector<float> col_max(static_cast<size_t>(threads) * a.cols, 0.f);
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num();
     const long per = (a.rows + threads - 1) / threads;
-    Sm3Rows(a, std::min(a.rows, t * per), std::min(a.rows, (t + 1) * per),
-            col_max.data() + static_cast<size_t>(t) * a.cols);
+    sm3::Rows(a, std::min(a.rows, t * per), std::min(a.rows, (t + 1) * per), row_out,
+              col_max.data() + static_cast<size_t>(t) * a.cols);
   }
   for (long j = 0; j < a.cols; ++j) {
     float x = 0.f;
     for (int t = 0; t < threads; ++t) x = std::max(x, col_max[static_cast<size_t>(t) * a.cols + j]);
-    a.col_out[j] = x;
+    col_out[j] = x;
   }
 }
 
-// The same rule entry by entry, for the check: plain scalar C++.
-inline void Sm3StepScalar(const Sm3Args& a) {
-  std::fill(a.col_out, a.col_out + a.cols, 0.f);
+// The same rule entry by entry, for the check: plain scalar C++ (float32
+// momentum or none), rounded as the header says (no fused multiply-adds).
+inline void Sm3StepScalar(const sm3::StepArgs& a, float* row_out, float* col_out) {
+  const float* m = static_cast<const float*>(a.m);
+  float* m_out = static_cast<float*>(a.m_out);
+  std::fill(col_out, col_out + a.cols, 0.f);
   for (long i = 0; i < a.rows; ++i) {
     float row_max = 0.f;
     for (long j = 0; j < a.cols; ++j) {
       const long k = i * a.cols + j;
-      const float sq = a.g[k] * a.g[k];
+      float sq = a.g[k] * a.g[k];
+      if (std::isnan(sq)) sq = std::numeric_limits<float>::infinity();
       const float nu = std::min(a.row_prev[i], a.col_prev[j]) + sq;
       row_max = std::max(row_max, nu);
-      a.col_out[j] = std::max(a.col_out[j], nu);
-      float u = nu > 0.f ? a.g[k] / std::sqrt(nu + a.eps) : 0.f;
-      if (a.m) {
-        u = std::fma(a.mu, a.m[k], (1.f - a.mu) * u);
-        a.m_out[k] = u;
+      col_out[j] = std::max(col_out[j], nu);
+      float u = nu == 0.f ? 0.f : a.g[k] / std::sqrt(nu + a.eps);
+      if (a.momentum == sm3::Momentum::kF32) {
+        u = a.mu * m[k] + a.one_minus_mu * u;
+        m_out[k] = u;
       }
-      a.w_out[k] = std::fma(-a.lr, u, a.w[k]);
+      a.w_out[k] = a.w[k] - a.lr * u;
     }
-    a.row_out[i] = row_max;
+    row_out[i] = row_max;
   }
 }
-
 
 const float kLr = 1e-4f, kMu = 0.9f, kEps = 0.f;
 
@@ -102,16 +108,17 @@ void Sm3(Tensor& t, bool momentum) {
     for (long k = 0; k < n; ++k) {
       const float nu = acc[k] + g[k] * g[k];
       acc[k] = nu;
-      float u = nu > 0.f ? g[k] / std::sqrt(nu + kEps) : 0.f;
+      float u = nu == 0.f ? 0.f : g[k] / std::sqrt(nu + kEps);
       if (momentum) { u = kMu * m[k] + (1.f - kMu) * u; m[k] = u; }
       w[k] -= kLr * u;
     }
     return;
   }
-  Sm3Args a{t.rows, t.cols, t.g.data(), t.w.data(), t.w.data(),
-            momentum ? t.m.data() : nullptr, t.m.data(), t.row.data(),
-            t.col.data(), t.row_new.data(), t.col_new.data(), kLr, kMu, kEps};
-  Sm3Step(a);
+  const sm3::StepArgs a{t.rows, t.cols, t.g.data(), t.w.data(), t.w.data(),
+                        t.m.data(), t.m.data(),
+                        momentum ? sm3::Momentum::kF32 : sm3::Momentum::kNone,
+                        t.row.data(), t.col.data(), kLr, kMu, 1.f - kMu, kEps};
+  Sm3Step(a, t.row_new.data(), t.col_new.data());
   t.row.swap(t.row_new);
   t.col.swap(t.col_new);
 }
@@ -131,9 +138,11 @@ bool Check() {
       for (auto& x : rp) x = std::abs(normal(rng)) * 1e-6f;
       for (auto& x : cp) x = cols % 5 == 0 ? 0.f : std::abs(normal(rng)) * 1e-6f;
       std::vector<float> w1(n), w2(n), m1(n), m2(n), r1(rows), r2(rows), c1(cols), c2(cols);
-      const float* mp = momentum ? m.data() : nullptr;
-      Sm3Step({rows, cols, g.data(), w.data(), w1.data(), mp, m1.data(), rp.data(), cp.data(), r1.data(), c1.data(), kLr, kMu, kEps});
-      Sm3StepScalar({rows, cols, g.data(), w.data(), w2.data(), mp, m2.data(), rp.data(), cp.data(), r2.data(), c2.data(), kLr, kMu, kEps});
+      const auto kind = momentum ? sm3::Momentum::kF32 : sm3::Momentum::kNone;
+      Sm3Step({rows, cols, g.data(), w.data(), w1.data(), m.data(), m1.data(), kind, rp.data(), cp.data(),
+               kLr, kMu, 1.f - kMu, kEps}, r1.data(), c1.data());
+      Sm3StepScalar({rows, cols, g.data(), w.data(), w2.data(), m.data(), m2.data(), kind, rp.data(), cp.data(),
+                     kLr, kMu, 1.f - kMu, kEps}, r2.data(), c2.data());
       if (w1 != w2 || r1 != r2 || c1 != c2 || (momentum && m1 != m2)) {
         std::fprintf(stderr, "kernel differs from the scalar loop at %ld x %ld, momentum %d\n", rows, cols, momentum);
         return false;
@@ -148,7 +157,8 @@ bool Check() {
 int main(int argc, char** argv) {
   if (argc < 3) { std::fprintf(stderr, "usage: bound SHAPES_FILE ROUNDS\n"); return 2; }
   if (!Check()) return 1;
-  std::printf("check: the AVX-512 kernel equals the scalar loop bit for bit (48 widths, with and without momentum)\n");
+  std::printf("check: the vector kernel (%ld lanes, -march=native) equals the scalar loop bit for bit "
+              "(48 widths, with and without momentum)\n", sm3::kLanes);
   std::vector<Tensor> tensors;
   FILE* f = std::fopen(argv[1], "r");
   if (!f) { std::perror(argv[1]); return 2; }

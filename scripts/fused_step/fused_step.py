@@ -1,19 +1,22 @@
 """sm3_tf's CPU kernel alone, against SGD, SGD+momentum and Adam loops.
 
-`SM3(cpu_kernel=True)` runs `sm3_tf/native/sm3_kernel.h` inside the XLA
-program (`scripts/bench_step.py` times that against Keras's optimizers).
-This times the same kernel outside any framework, beside SGD, SGD with
-momentum and Adam written the same way in C++ (one loop per tensor, all
-OpenMP threads), over the variables of ResNet-50 and Transformer-Big as
+`SM3()` runs `sm3_tf/kernels/native/sm3_kernel.h` inside the XLA program
+where it can (`scripts/bench_step.py` times that against Keras's
+optimizers). This times the same kernel outside any framework, beside SGD,
+SGD with momentum and Adam written the same way in C++ (one loop per tensor,
+all OpenMP threads), over the variables of ResNet-50 and Transformer-Big as
 sm3_tf sees them (its matrix views): how close a single pass over the
 gradient comes to the memory-traffic floor, with no framework costs.
 
   python scripts/fused_step/fused_step.py [--models resnet50] [--rounds 9]
 
-Needs g++ with OpenMP and a CPU with AVX-512F.
+Needs g++ with OpenMP. Built as sm3_tf builds the kernel (-march=native,
+-ffp-contract=off): the kernel's vectors are whatever this CPU has
+(AVX-512, AVX2, NEON).
 """
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -25,12 +28,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository
 
 import model_shapes  # noqa: E402
 
+# sm3_tf.kernels.native's flags for the kernel, and OpenMP.
 CXXFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno",
-            "-fopenmp", "-std=c++17"]
+            "-Wno-psabi", "-fopenmp", "-std=c++17"]
 
 
 def matrix_views(shapes):
-    """`(rows, cols)` per variable as sm3_tf sees it; cols 0 for a vector."""
+    """`(rows, cols)` per variable as sm3_tf sees it (`rule.split_axes`);
+    cols 0 for a vector."""
     from sm3_tf import rule
 
     views = []
@@ -38,7 +43,8 @@ def matrix_views(shapes):
         if len(shape) <= 1:
             views.append((int(shape[0]) if shape else 1, 0))
         else:
-            views.append(rule.matrix_shape(shape, rule.split_axes(shape)))
+            split = rule.split_axes(shape)
+            views.append((math.prod(shape[:split]), math.prod(shape[split:])))
     return views
 
 
@@ -65,10 +71,16 @@ def run_bound(models, rounds, build):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="resnet50,transformer_big")
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--models", default="resnet50,transformer_big",
+                        help="variable sets, comma-separated, from: "
+                        + ", ".join(model_shapes.MODELS)
+                        + " (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=9,
+                        help="interleaved rounds; the median is reported")
     args = parser.parse_args()
-    models = args.models.split(",")
+    if args.rounds < 1:
+        parser.error(f"--rounds: must be >= 1, got {args.rounds}")
+    models = [m for m in args.models.split(",") if m]
     for model in models:
         if model not in model_shapes.MODELS:
             parser.error(f"--models: unknown {model!r}; choose from "

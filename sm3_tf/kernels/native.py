@@ -40,7 +40,7 @@ from sm3_tf import rule
 
 _NATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 _SOURCES = ("sm3_kernel.h", "sm3_xla_ffi.cc")
-_NATIVE_VERSION = 9  # sm3_tf_native_version() of a current build
+_NATIVE_VERSION = 10  # sm3_tf_native_version() of a current build
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno",
           "-Wno-psabi", "-std=c++17", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 300

@@ -3,8 +3,9 @@
 // fuse a row and a column reduction with the elementwise update, so it reads
 // the gradient once per pass and writes `nu` out between them; this loop
 // holds nothing of the variable's size. Written with GCC/Clang vector
-// extensions (16 lanes), compiled for the machine it runs on
-// (-march=native): AVX-512, AVX2 or NEON, whatever the CPU has.
+// extensions as wide as the CPU's registers (16 floats with AVX-512, 8 with
+// AVX, 4 otherwise: wider vectors than the registers compile to scalar
+// code), compiled for the machine it runs on (-march=native).
 //
 // The rule is sm3_tf.rule's with beta2 = 1 (the running sum), rounded as
 // NumPy rounds it (built with -ffp-contract=off: no fused multiply-adds):
@@ -24,7 +25,13 @@
 
 namespace sm3 {
 
+#if defined(__AVX512F__)
 constexpr long kLanes = 16;
+#elif defined(__AVX__)
+constexpr long kLanes = 8;
+#else
+constexpr long kLanes = 4;
+#endif
 typedef float Floats __attribute__((vector_size(kLanes * sizeof(float))));
 typedef uint32_t Bits __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 

@@ -326,4 +326,4 @@ extern "C" int sm3_tf_register(const XLA_FFI_Api* api) {
 
 // For sm3_tf.kernels.native: this library's ABI version; a mismatch means a
 // stale build.
-extern "C" int sm3_tf_native_version() { return 9; }
+extern "C" int sm3_tf_native_version() { return 10; }
