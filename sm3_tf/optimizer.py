@@ -238,7 +238,7 @@ class SM3(keras.optimizers.Optimizer):
                 self.build(variables)
         for gradient, variable in zip(grads, variables):
             _check_gradient_shape(gradient, variable)
-        self._order = kernels.Order()
+        self._order = kernels.Order(grads)
         try:
             with kernels.checked(grads, variables):
                 return super().apply(grads[::-1], variables[::-1])
@@ -247,10 +247,11 @@ class SM3(keras.optimizers.Optimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         """Applies one SM3 step to `variable` (`sm3_tf.kernels.update`)."""
-        slots = self._slots_of(variable)
+        index = _compat.variable_index(self, variable)
+        slots = self._state.slots[index]
         if slots is not None:
             kernels.update(self._settings, gradient, variable, slots,
-                           learning_rate, self._order)
+                           learning_rate, self._order, index)
 
     def get_config(self):
         config = super().get_config()

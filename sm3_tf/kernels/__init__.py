@@ -50,14 +50,30 @@ class Slots:
 
 
 class Order:
-    """The chain of one step's updates, per device (module docstring)."""
+    """The order of one step's updates (module docstring).
 
-    def __init__(self):
+    Each update on a device waits for the one before it there (`record`).
+    The CPU kernel's, which writes its variable in place, also waits, inside
+    a program compiled whole, for the gradient of the variable before its
+    own in the model's order: backpropagation computes that one after its
+    last read of this variable, and XLA would otherwise copy the variable
+    for that read (measured: one copy of each weight of an MLP).
+    """
+
+    def __init__(self, grads=()):
         self._last = {}
+        self._grads = list(grads)
 
-    def after(self, device):
-        """The token the next update on `device` waits for, or None."""
-        return self._last.get(device)
+    def after(self, device, index=None):
+        """The token an update on `device` (of the variable at `index`, if
+        it is to wait for the gradient before it) waits for, or None."""
+        waits = [self._last.get(device)]
+        if index is not None and 0 < index <= len(self._grads):
+            gradient = self._grads[index - 1]
+            if gradient is not None:
+                waits.append(token([getattr(gradient, "values", gradient)]))
+        waits = [w for w in waits if w is not None]
+        return None if not waits else token(waits)
 
     def record(self, device, token):
         if token is not None:
@@ -67,9 +83,10 @@ class Order:
 def gate(value, after):
     """`value`, computed only once `after` (a token) exists.
 
-    A token is 0 or NaN, never below 0, so the select always keeps `value`;
-    no compiler can prove that, so the data dependency stays (XLA drops
-    an `optimization_barrier` on CPU, not this).
+    A token is 0, -0 or NaN, never below 0, so the select always keeps
+    `value`; no compiler can prove that, so the data dependency stays (XLA
+    drops an `optimization_barrier` on CPU, and folds a comparison it can
+    decide, such as one of `min(abs(x), 0)`, but not this).
     """
     if after is None:
         return value
@@ -77,13 +94,18 @@ def gate(value, after):
 
 
 def token(values):
-    """A scalar that exists once every tensor in `values` does: 0, or NaN."""
-    firsts = [ops.abs(ops.cast(ops.reshape(v, (-1,))[:1], "float32"))
-              for v in values]
-    return ops.minimum(ops.min(ops.concatenate(firsts)), 0.0)
+    """A scalar that exists once every tensor in `values` does: 0, -0 or
+    NaN (the sum of their first entries times 0, which XLA does not fold:
+    `x * 0` is NaN for an infinite or NaN `x`)."""
+    total = None
+    for value in values:
+        first = ops.cast(ops.reshape(value, (-1,))[0], "float32") * 0.0
+        total = first if total is None else total + first
+    return total
 
 
-def update(settings, gradient, variable, slots, learning_rate, order=None):
+def update(settings, gradient, variable, slots, learning_rate, order=None,
+           index=None):
     """One SM3 step of `variable` and its `slots`, on the best path there is.
 
     Args:
@@ -94,6 +116,7 @@ def update(settings, gradient, variable, slots, learning_rate, order=None):
         slots: `Slots` of `variable` (Keras variables).
         learning_rate: this step's learning rate, a scalar tensor.
         order: the step's `Order`, or None.
+        index: `variable`'s position in the model's variables (`Order`).
     """
     from sm3_tf.kernels import native
     from sm3_tf.kernels import portable
@@ -108,18 +131,20 @@ def update(settings, gradient, variable, slots, learning_rate, order=None):
             return
         gradient = sparse.densified(gradient)
         run = tensorflow.run
-    step = (native.dense_update
-            if settings.cpu_kernel and native.applies(settings, gradient,
-                                                      variable)
-            else portable.dense_update)
-    run(step, settings, gradient, variable, slots, learning_rate, order)
+    if settings.cpu_kernel and native.applies(settings, gradient, variable):
+        # In place: it waits for backpropagation's last read (`Order`).
+        run(native.dense_update, settings, gradient, variable, slots,
+            learning_rate, order, index)
+    else:
+        run(portable.dense_update, settings, gradient, variable, slots,
+            learning_rate, order)
 
 
 def _run_here(step, settings, gradient, variable, slots, learning_rate,
-              order):
+              order, index=None):
     """Runs `step` as it is (JAX and PyTorch: `jax.jit` compiles the whole
-    step where Keras does), chained after the step's previous update."""
-    after = order.after("") if order is not None else None
+    step where Keras does), ordered after the step's previous update."""
+    after = order.after("", index) if order is not None else None
     done = step(settings, gradient, variable, slots, learning_rate, after)
     if order is not None:
         order.record("", done)

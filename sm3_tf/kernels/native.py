@@ -37,6 +37,7 @@ import numpy as np
 
 from sm3_tf import _compat
 from sm3_tf import rule
+from sm3_tf.kernels import gate
 
 _NATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 _SOURCES = ("sm3_kernel.h", "sm3_xla_ffi.cc")
@@ -157,8 +158,9 @@ def _say_once(settings, reason):
 
 def dense_update(settings, gradient, variable, slots, learning_rate,
                  after=None):
-    """One dense step of a float32 `variable` of rank >= 2, as the kernel.
-    Holds no temporaries: nothing for later updates to wait for (None)."""
+    """One dense step of a float32 `variable` of rank >= 2, as the kernel,
+    once `after` exists (`sm3_tf.kernels.Order`). It holds no temporaries:
+    nothing for later updates to wait for (returns None)."""
     shape = tuple(variable.shape)
     momentum = slots.momentum
     momentum_dtype = (None if momentum is None else
@@ -167,7 +169,7 @@ def dense_update(settings, gradient, variable, slots, learning_rate,
     # reshape of an operand written in place may make XLA copy it.
     read = keras.ops.convert_to_tensor
     operands = [gradient, read(variable),
-                keras.ops.cast(learning_rate, "float32")]
+                gate(keras.ops.cast(learning_rate, "float32"), after)]
     operands += [read(a) for a in slots.accumulators]
     if momentum is not None:
         operands.append(read(momentum))

@@ -12,11 +12,17 @@ def dense_update(settings, gradient, variable, slots, learning_rate,
     """One dense step of `variable` and its `slots` (`sm3_tf.kernels.Slots`).
 
     The statistics are computed in the accumulators' dtype (float32 for a
-    half-precision variable); `after` (a token) orders this update after
-    the step's previous one. Returns this update's token.
+    half-precision variable). A matrix's step holds `nu`, a temporary of its
+    size: it waits for `after` (the step's previous such update) and
+    returns its own token. A vector's is small and takes no part in that
+    order (returns None): ordered too, its tiny steps kept an MLP's whole
+    training step from freeing each gradient early (XLA:CPU held 5 more
+    weights' worth at once).
     """
     accumulators = [ops.convert_to_tensor(a) for a in slots.accumulators]
-    accumulators[0] = gate(accumulators[0], after)
+    matrix = len(accumulators) > 1 or len(variable.shape) > 1
+    if matrix:
+        accumulators[0] = gate(accumulators[0], after)
     compute_dtype = accumulators[0].dtype
     update, new_accumulators = rule.dense_step(
         ops.cast(gradient, compute_dtype), accumulators, settings.beta2,
@@ -25,7 +31,7 @@ def dense_update(settings, gradient, variable, slots, learning_rate,
         slot.assign(value)
     written = apply_update(settings, variable, slots.momentum, update,
                            learning_rate)
-    return token(new_accumulators + written)
+    return token(new_accumulators + written) if matrix else None
 
 
 def apply_update(settings, variable, momentum, update, learning_rate):

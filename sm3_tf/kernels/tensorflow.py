@@ -37,14 +37,18 @@ def in_xla_program():
     return _compat.tf_in_xla_context()
 
 
-def run(step, settings, gradient, variable, slots, learning_rate, order):
+def run(step, settings, gradient, variable, slots, learning_rate, order,
+        index=None):
     """Runs `step(settings, gradient, variable, slots, learning_rate, after)`
     (`sm3_tf.kernels.dense_step`'s kind) where it runs best (module
-    docstring), chained after the previous update on the same device."""
+    docstring), ordered after the previous update on the same device (and
+    in an XLA program after the gradient before its own: `Order`)."""
     variable = _tf_variable(variable)
     device = variable.device
-    after = order.after(device) if order is not None else None
-    if tf.executing_eagerly() or in_xla_program():
+    whole = in_xla_program()
+    after = (order.after(device, index if whole else None)
+             if order is not None and not tf.executing_eagerly() else None)
+    if tf.executing_eagerly() or whole:
         done = step(settings, gradient, variable, slots, learning_rate, after)
     else:
         accumulators = tuple(_on_device_of(variable, a)
