@@ -69,8 +69,8 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_float("epsilon", 1e-30, "SM3's epsilon, >= 0.", **fv)
     flags.DEFINE_boolean(
         "sm3_cpu_kernel", None,
-        "SM3's cpu_kernel: each matrix's step as one AVX-512 pass on the CPU "
-        "(built with the C++ compiler at first use). Unset: SM3's \"auto\", "
+        "SM3's cpu_kernel: each float32 matrix's step as one native pass on "
+        "the CPU (built once per machine). Unset: SM3's \"auto\", "
         "the kernel wherever it can run; --sm3_cpu_kernel asks for it (a "
         "warning where it cannot run); --nosm3_cpu_kernel keeps SM3's "
         "portable path.", **fv)

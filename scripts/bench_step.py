@@ -281,21 +281,44 @@ def bench_sparse(rounds, rows=1_000_000, dim=64, touched=4096):
 
 
 def bench_fit(rounds, jit_modes, steps_per_round=20, batch_size=32,
-              length=32, vocab=8000):
-    """`model.fit` steps/s of a small Transformer: SM3 (its default, and its
-    portable path) against Adam; each epoch is `steps_per_round` steps."""
+              length=32, vocab=8000, model_name="transformer"):
+    """`model.fit` steps/s: SM3 (its default, and its portable path) against
+    Adam; each epoch is `steps_per_round` steps. `model_name`: a small
+    Transformer (activations dominate), or "mlp", 8 Dense layers of 2048 at
+    batch 8 (the parameters dominate: the optimizer's share is largest)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))))
     from models.transformer import model as transformer
 
-    params = transformer.TransformerParams(
-        d_model=256, d_ff=1024, num_heads=4, num_layers=2, dropout=0.0)
     rng = np.random.default_rng(0)
-    src = rng.integers(2, vocab, (batch_size * steps_per_round, length))
-    tgt = rng.integers(2, vocab, (batch_size * steps_per_round, length))
-    data = tf.data.Dataset.from_tensor_slices(
-        ((src.astype("int32"), transformer.shift_right(tgt).numpy()),
-         tgt.astype("int32"))).batch(batch_size, drop_remainder=True).cache()
+    if model_name == "mlp":
+        batch_size, width = 8, 2048
+        x = rng.normal(size=(batch_size * steps_per_round, width))
+        data = tf.data.Dataset.from_tensor_slices(
+            (x.astype("float32"), x.astype("float32"))).batch(
+                batch_size, drop_remainder=True).cache()
+
+        def make_model():
+            return keras.Sequential(
+                [keras.Input((width,))]
+                + [keras.layers.Dense(width, activation="tanh")
+                   for _ in range(8)])
+
+        loss = "mse"
+    else:
+        params = transformer.TransformerParams(
+            d_model=256, d_ff=1024, num_heads=4, num_layers=2, dropout=0.0)
+        src = rng.integers(2, vocab, (batch_size * steps_per_round, length))
+        tgt = rng.integers(2, vocab, (batch_size * steps_per_round, length))
+        data = tf.data.Dataset.from_tensor_slices(
+            ((src.astype("int32"), transformer.shift_right(tgt).numpy()),
+             tgt.astype("int32"))).batch(batch_size,
+                                         drop_remainder=True).cache()
+
+        def make_model():
+            return transformer.Transformer(params, vocab, length)
+
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     # With tf.data's autotuning on, destroying the iterator at the end of
     # some `fit` calls waited until about 10 s after the call began (seen
     # with TF 2.21 on this machine, Adam and SGD alike): epochs measured at
@@ -309,12 +332,9 @@ def bench_fit(rounds, jit_modes, steps_per_round=20, batch_size=32,
         models = {}
         for name in ("sm3", "sm3_portable", "adam"):
             keras.utils.set_random_seed(0)
-            model = transformer.Transformer(params, vocab, length)
-            model.compile(
-                optimizer=OPTIMIZERS[name](),
-                loss=keras.losses.SparseCategoricalCrossentropy(
-                    from_logits=True),
-                jit_compile=jit)
+            model = make_model()
+            model.compile(optimizer=OPTIMIZERS[name](), loss=loss,
+                          jit_compile=jit)
             model.fit(data, epochs=1, verbose=0)  # trace and compile
             models[name] = model
         times = {name: [] for name in models}
@@ -327,7 +347,9 @@ def bench_fit(rounds, jit_modes, steps_per_round=20, batch_size=32,
         rate = {name: steps_per_round / statistics.median(t)
                 for name, t in times.items()}
         best = {name: steps_per_round / min(t) for name, t in times.items()}
-        label = f"fit, small Transformer, {'XLA' if jit else 'no XLA'}"
+        described = ("MLP 8 x 2048, batch 8" if model_name == "mlp"
+                     else "small Transformer")
+        label = f"fit, {described}, {'XLA' if jit else 'no XLA'}"
         print(f"\n{label}: steps/s, median (best) of {rounds} epochs:",
               ", ".join(f"{name} {rate[name]:.2f} ({best[name]:.2f})"
                         for name in models), flush=True)
@@ -503,6 +525,10 @@ def main():
     parser.add_argument("--fit", action="store_true",
                         help="model.fit steps/s on a small Transformer: "
                         "sm3, sm3_portable, adam")
+    parser.add_argument("--fit_model", choices=("transformer", "mlp"),
+                        default="transformer",
+                        help="--fit's model: a small Transformer, or 8 Dense "
+                        "layers of 2048 at batch 8 (parameters dominate)")
     parser.add_argument("--fit_steps", type=int,
                         help="--fit: steps per timed epoch (default 20)")
     parser.add_argument("--breakdown", action="store_true",
@@ -584,7 +610,8 @@ def main():
         results["sparse"] = bench_sparse(args.rounds)
     if args.fit:
         results["fit"] = bench_fit(args.rounds, xla_modes,
-                                   args.fit_steps or 20)
+                                   args.fit_steps or 20,
+                                   model_name=args.fit_model)
     if args.peak_memory:
         results["peak_memory"] = bench_peak_memory((32000, 1024), xla_modes,
                                                    optimizers)

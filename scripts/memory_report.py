@@ -965,11 +965,15 @@ def main(argv=None):
     for section in ("apply_step", "whole_step", "largest_model"):
         if not getattr(args, section):
             continue
+        runs_on = ["jax"] if section == "largest_model" else backends
+        # The default: every optimizer that runs on these backends; one
+        # named that runs on none of them is an error.
         optimizers = _split(
             parser, "--optimizers",
-            args.optimizers or ",".join(STEP_OPTIMIZERS),
+            args.optimizers or ",".join(
+                name for name, (_, on) in STEP_OPTIMIZERS.items()
+                if set(on) & set(runs_on)),
             STEP_OPTIMIZERS)
-        runs_on = ["jax"] if section == "largest_model" else backends
         for name in optimizers:
             if not set(STEP_OPTIMIZERS[name][1]) & set(runs_on):
                 parser.error(f"--optimizers: {name!r} runs on "

@@ -1,7 +1,8 @@
 """SM3's momentum stored in bfloat16 against float32, on the trainers' offline jobs.
 
     python scripts/momentum_dtype_study.py [--seeds 0,1,2] [--models resnet,transformer]
-        [--out /tmp/momentum_dtype_study]
+        [--out /tmp/momentum_dtype_study] [--resnet_flags="--train_steps=200"]
+        [--transformer_flags="--train_steps=600"]
 
 Runs `scripts/train.py` (the reference trainers, their offline defaults:
 ResNet-18 on digits, the small Transformer on pydoc_reverse) once per
@@ -10,11 +11,14 @@ process, and prints the final quality (top-1 accuracy, BLEU) per run, with
 each dtype's mean and its seed-to-seed spread (max - min). bfloat16 keeps
 SM3's momentum, its only per-parameter state, in half the bytes; the
 question is whether the quality stays within float32's own spread.
+`--resnet_flags` / `--transformer_flags` pass more flags to each run of that
+model (shorter runs, another width); both dtypes get the same.
 """
 
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -24,11 +28,12 @@ DTYPES = ("float32", "bfloat16")
 METRIC = {"resnet": "eval_accuracy", "transformer": "eval_bleu"}
 
 
-def run_one(model, seed, dtype, out):
+def run_one(model, seed, dtype, out, extra_flags):
     model_dir = os.path.join(out, f"{model}_{dtype}_seed{seed}")
     command = [sys.executable, os.path.join(HERE, "train.py"),
                f"--model={model}", f"--seed={seed}",
-               f"--sm3_momentum_dtype={dtype}", f"--model_dir={model_dir}"]
+               f"--sm3_momentum_dtype={dtype}", f"--model_dir={model_dir}",
+               *extra_flags]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
@@ -43,6 +48,9 @@ def main():
     parser.add_argument("--models", default="resnet,transformer")
     parser.add_argument("--out", default="/tmp/momentum_dtype_study")
     parser.add_argument("--json", help="also write the results to this file")
+    for model in METRIC:
+        parser.add_argument(f"--{model}_flags", default="",
+                            help=f"more scripts/train.py flags for {model}")
     args = parser.parse_args()
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -59,7 +67,8 @@ def main():
     for model in models:
         for seed in seeds:
             for dtype in DTYPES:  # interleaved: drift hits both alike
-                score = run_one(model, seed, dtype, args.out)
+                score = run_one(model, seed, dtype, args.out, shlex.split(
+                    getattr(args, f"{model}_flags")))
                 results.setdefault(model, {}).setdefault(dtype, []).append(
                     score)
                 print(f"{model} seed {seed} {dtype}: {METRIC[model]} "

@@ -1,6 +1,7 @@
 """`sm3_tf.SM3`: the SM3-II optimizer as a Keras 3 optimizer."""
 
 import dataclasses
+import inspect
 import math
 import numbers
 from typing import Any, Tuple
@@ -303,10 +304,12 @@ def _check_gradient_shape(gradient, variable):
 
 def _slot_layout(variable, axis):
     """The layout of a slot of `variable` under a Keras distribution: the
-    variable's own (axis "all"), its axis `axis`'s (an accumulator), or
-    None (no distribution, or a rank <= 1 accumulator: the variable's)."""
+    variable's own (axis "all" or None), its axis `axis`'s (an
+    accumulator); None without a distribution, or on a Keras whose
+    optimizers place no variable by layout (before 3.9)."""
     distribution = keras.distribution.distribution()
-    if distribution is None:
+    if distribution is None or "layout" not in inspect.signature(
+            keras.optimizers.Optimizer.add_variable).parameters:
         return None
     layout = distribution.get_variable_layout(variable)
     if layout is None or axis in ("all", None):

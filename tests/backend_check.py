@@ -12,7 +12,10 @@ Prints one JSON line with:
 - `losses`: `fit`'s first and last loss;
 - `cpu_kernel_error`: the error for `cpu_kernel=True` where it cannot be;
 - on JAX, `step_bytes`: the compiled `stateless_apply` step's temporary
-  bytes over the matrix's bytes, for each path (`memory_analysis`).
+  bytes over the matrix's bytes, for each path (`memory_analysis`);
+- on JAX with two devices (XLA_FLAGS=--xla_force_host_platform_device_count=2),
+  `layouts`: the sharding of a Dense kernel's slots under a Keras
+  `ModelParallel` distribution that shards the kernel's columns.
 """
 
 import json
@@ -85,6 +88,24 @@ def jax_step(shape, **kwargs):
     return temp / (np.prod(shape) * 4), calls, exact
 
 
+def slot_layouts():
+    """Under a Keras distribution that shards a Dense kernel's axis 1 over
+    a "model" mesh axis, the axes each of its slots is sharded along."""
+    import jax
+
+    mesh = keras.distribution.DeviceMesh((2,), ["model"], jax.devices()[:2])
+    layouts = keras.distribution.LayoutMap(mesh)
+    layouts[".*kernel"] = (None, "model")
+    distribution = keras.distribution.ModelParallel(
+        layout_map=layouts, batch_dim_name="model")
+    with distribution.scope():
+        layer = keras.layers.Dense(4, name="dense")
+        layer.build((None, 6))
+        opt = SM3()
+        opt.build([layer.kernel, layer.bias])
+    return {v.name: list(v.value.sharding.spec) for v in opt.variables[2:]}
+
+
 def main():
     result = {"backend": keras.backend.backend(),
               "max_diff": reference_diff("auto"),
@@ -113,6 +134,10 @@ def main():
             kernel, calls, exact = jax_step(shape, cpu_kernel=True)
             result["step_bytes"]["kernel"] = kernel
             result["kernel_calls"], result["kernel_bit_exact"] = calls, exact
+        import jax
+
+        if len(jax.devices()) >= 2:
+            result["layouts"] = slot_layouts()
     print(json.dumps(result))
 
 

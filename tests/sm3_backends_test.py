@@ -1,5 +1,6 @@
 """The same SM3 class on Keras's JAX and PyTorch backends (`keras.ops`)."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -12,8 +13,12 @@ CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                      "backend_check.py")
 
 
+@functools.lru_cache(maxsize=None)  # one subprocess per backend
 def _run(backend):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+    if backend == "jax":  # two CPU devices, for a distribution's layouts
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            " --xla_force_host_platform_device_count=2")
     root = os.path.dirname(os.path.dirname(CHECK))
     env["PYTHONPATH"] = os.pathsep.join(
         [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -57,3 +62,18 @@ def test_jax_kernel_equals_reference_and_holds_no_temporaries():
     assert result["kernel_calls"] == 1
     assert result["kernel_bit_exact"]
     assert result["step_bytes"]["kernel"] < 0.01
+
+
+def test_jax_slots_take_their_variable_s_layout_under_a_distribution():
+    # Keras places a slot made from a reference variable with its layout;
+    # SM3's per-dimension accumulators take the layout of their own axis.
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed (pip install jax)")
+    layouts = _run("jax")["layouts"]
+    assert layouts == {
+        "dense_kernel_accumulator_0": [None],
+        "dense_kernel_accumulator_1": ["model"],
+        "dense_kernel_momentum": [None, "model"],
+        "dense_bias_accumulator": [None],
+        "dense_bias_momentum": [None],
+    }

@@ -8,6 +8,7 @@ whole with XLA. Keras's JAX and PyTorch backends: tests/sm3_backends_test.py.
 
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -122,6 +123,11 @@ model.fit(np.ones((64, 8)), np.ones((64, 1)), epochs=2, verbose=0)
 """
 
 
+# Timestamps, thread ids (padded to varying widths) and addresses: one "#"
+# for each run of them.
+_NUMBERS = re.compile(r"(0x[0-9a-f]+|[0-9][0-9:.]*)(\s+(0x[0-9a-f]+|[0-9][0-9:.]*))*")
+
+
 def _lines(optimizer, jit_compile, tmp_path):
     """What `fit` prints in a fresh process, TensorFlow's INFO lines shown
     (as by default), without timestamps, thread ids and addresses."""
@@ -132,14 +138,15 @@ def _lines(optimizer, jit_compile, tmp_path):
                                            jit_compile=jit_compile)],
         env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    import re
-
-    return [re.sub(r"0x[0-9a-f]+|[0-9][0-9:.]*", "#", line)
+    return [_NUMBERS.sub("#", line)
             for line in (out.stdout + out.stderr).splitlines()
             if "SM3: " not in line]
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+# Under XLA SM3 compiles nothing of its own (the risky case is without), so
+# that case is in the slow tier.
+@pytest.mark.parametrize("jit_compile", [
+    False, pytest.param(True, marks=pytest.mark.slow)])
 def test_fit_says_nothing_that_keras_own_optimizers_do_not(tmp_path,
                                                            jit_compile):
     # SM3's compiled updates start XLA quietly (sm3_tf.kernels.tensorflow);

@@ -16,6 +16,9 @@ import time
 
 import pytest
 
+# Every test here trains in subprocesses: the slow tier (`pytest -m slow`).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
 TINY_RESNET = ["--model=resnet", "--resnet_depth=10", "--resnet_width=4"]

@@ -160,9 +160,10 @@ def train(task, strategy, optimizer_fn, config):
         raise ValueError(
             f"--model_dir={model_dir}: its checkpoint {latest} does not fit "
             f"this model and optimizer ({e}). It was written with other "
-            "flags (model size, optimizer, --momentum) or by sm3_tf 0.1 or "
-            "0.2, which laid out SM3's accumulators otherwise. Resume with the "
-            "flags it was written with, or start in a new --model_dir.") from e
+            "flags (model size, optimizer, --momentum, --sm3_momentum_dtype) "
+            "or by sm3_tf before 1.0, which laid out SM3's accumulators "
+            "otherwise. Resume with the flags it was written with, or start "
+            "in a new --model_dir.") from e
     start_step = int(step.numpy())
     if start_step:
         logging.info("Resumed %s from %s at step %d.", task.name,

@@ -4,7 +4,7 @@
 chooses how to run it:
 
 - `sparse`: a `tf.IndexedSlices` gradient (TensorFlow, e.g. an Embedding's)
-  takes the exact sparse step, touched rows only (`sm3_tf.sparse`).
+  takes the exact sparse step, touched rows only (`sparse`).
 - `native`: the CPU kernel, one pass over the gradient that writes the
   variable and its state in place, where `cpu_kernel` asks for it and it
   can run (a float32 matrix, `beta2 == 1`, inside an XLA program on a CPU).
@@ -15,10 +15,10 @@ enclosing XLA program, or else compiled as one XLA program per variable
 (each replica's own under a `tf.distribute` strategy), or as plain ops
 when executing eagerly.
 
-A step's portable updates are chained (`Order`): each starts once the one
-before it has written its results, last variable first (the order in which
-backpropagation produces gradients), so that a compiled step holds one
-variable's temporaries (`nu`) at a time instead of all of them at once.
+A step's portable updates of matrices are chained (`Order`): each starts
+once the one before it has written its results, last variable first (the
+order in which backpropagation produces gradients), so that a compiled step
+holds one matrix's temporary `nu` at a time instead of all of them at once.
 Everything flows one way: the optimizer calls this package, which calls
 the rule; nothing here reads or writes the optimizer.
 """
