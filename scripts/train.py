@@ -18,9 +18,26 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow turns its oneDNN kernels on by itself only on some x86 CPUs
 # (AVX-512 and newer); on others (AVX2, e.g. AMD EPYC) convolutions run
 # several times slower without them (the default digits job on a 2-core
-# EPYC: about 130 against 550 ms a step). TF_ENABLE_ONEDNN_OPTS=0 leaves
-# the choice to TensorFlow.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+# EPYC: about 130 against 550 ms a step). A TF_ENABLE_ONEDNN_OPTS already
+# set is kept. With --deterministic they stay off: a run
+# resumed after `kill -9` ended with other weights than a straight one with
+# them on (op determinism does not cover them), and bit for bit with them
+# off. The variable must be set before TensorFlow is imported, so before
+# absl parses the flags.
+def _asks_for_determinism(argv):
+    asked = False
+    for arg in argv[1:]:
+        if arg == "--deterministic":
+            asked = True
+        elif arg.startswith("--deterministic="):
+            asked = arg.split("=", 1)[1].lower() in ("true", "1", "t", "yes")
+        elif arg == "--nodeterministic":
+            asked = False
+    return asked
+
+
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS",
+                      "0" if _asks_for_determinism(sys.argv) else "1")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # Runs from a checkout without installation: the repository root on the path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
