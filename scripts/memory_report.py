@@ -30,7 +30,9 @@ optimizer's state (BERT-large with Adam: about 4 GB).
 --whole_step    the whole training step (forward, backward, update) of an
                 MLP of --mlp_layers Dense layers of --mlp_width at batch
                 --batch_size, parameters and optimizer state donated (JAX)
-                or updated in place (TensorFlow's resource variables).
+                or updated in place (TensorFlow's resource variables);
+                --xla_cpu_scheduler=memory_optimized: under XLA:CPU's
+                memory-optimized scheduler instead of its default.
 --largest_model the largest Transformer (models/transformer/model.py, 6+6
                 layers, d_ff = 4 d_model, 64 per head, vocabulary 32000,
                 no dropout) whose whole training step at --batch_size x
@@ -430,8 +432,17 @@ def _child_command(args, **extra):
     return command
 
 
-def _run_child(command, backend, what):
+# XLA:CPU's schedulers (--xla_cpu_scheduler): its default runs independent
+# work breadth first, for concurrency; this one keeps the fewest bytes alive.
+MEMORY_OPTIMIZED_FLAG = ("--xla_cpu_enable_concurrency_optimized_scheduler"
+                         "=false")
+
+
+def _run_child(command, backend, what, scheduler="default"):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+    if scheduler == "memory_optimized":
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " "
+                            + MEMORY_OPTIMIZED_FLAG).strip()
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"measuring {what} on {backend} failed:\n"
@@ -486,7 +497,8 @@ def measure_steps(args, cache, section, key, optimizers, backends):
             started = time.time()
             child = _run_child(_child_command(
                 args, _section=section, model=model,
-                _optimizer=",".join(names)), backend, what)
+                _optimizer=",".join(names)), backend, what,
+                args.xla_cpu_scheduler)
             have["model"] = child["model"]
             have["steps"].update(_stamped(child["steps"]))
             _save_cache(args.cache, cache)
@@ -497,7 +509,7 @@ def measure_steps(args, cache, section, key, optimizers, backends):
             started = time.time()
             child = _run_child(_child_command(
                 args, _section=section, model=model, _optimizer=name),
-                backend, f"{what} with {name}")
+                backend, f"{what} with {name}", args.xla_cpu_scheduler)
             have["model"] = child["model"]
             have["steps"].update(_stamped({name: child["step"]}))
             _save_cache(args.cache, cache)
@@ -889,6 +901,13 @@ def parse_args(argv=None):
                              "(--largest_model is jax only)")
     parser.add_argument("--json", action="store_true",
                         help="print the results as JSON instead of tables")
+    parser.add_argument("--xla_cpu_scheduler",
+                        choices=("default", "memory_optimized"),
+                        default="default",
+                        help="--whole_step: XLA:CPU's scheduler, its default "
+                             "(breadth first, for concurrency) or the "
+                             "memory-optimized one (" + MEMORY_OPTIMIZED_FLAG
+                             + " in XLA_FLAGS)")
     mlp = parser.add_argument_group("--whole_step")
     mlp.add_argument("--mlp_width", type=int, default=2048,
                      help="width of each Dense layer (default 2048)")
@@ -932,6 +951,9 @@ def parse_args(argv=None):
     if args.d_step < 64 or args.d_step % 64:
         parser.error(f"--d_step must be a positive multiple of 64 (64 per "
                      f"attention head), got {args.d_step}")
+    if args.xla_cpu_scheduler != "default" and (
+            args.apply_step or args.largest_model):
+        parser.error("--xla_cpu_scheduler applies to --whole_step only")
     if not 0 < args.budget_gib < 1024:
         parser.error(f"--budget_gib must be in (0, 1024), got "
                      f"{args.budget_gib}")
@@ -992,13 +1014,19 @@ def main(argv=None):
         elif section == "whole_step":
             key = (f"mlp{args.mlp_layers}x{args.mlp_width}_"
                    f"batch{args.batch_size}")
+            scheduler = ""
+            if args.xla_cpu_scheduler != "default":
+                key += f"_{args.xla_cpu_scheduler}_scheduler"
+                scheduler = (f", XLA:CPU's {args.xla_cpu_scheduler} "
+                             "scheduler").replace("_", "-")
             measured = measure_steps(args, cache, section, key, optimizers,
                                      backends)
             output[section] = measured
             if not args.json:
                 print_step_table(
                     f"whole training step, MLP {args.mlp_layers} x Dense "
-                    f"{args.mlp_width}, batch {args.batch_size}", measured)
+                    f"{args.mlp_width}, batch {args.batch_size}{scheduler}",
+                    measured)
         else:
             if "jax" not in backends:
                 parser.error("--largest_model runs on jax: --backends must "

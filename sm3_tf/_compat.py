@@ -1,4 +1,4 @@
-"""The private Keras and TensorFlow symbols sm3_tf uses, all of them, here.
+"""Private Keras, TensorFlow and JAX symbols sm3_tf uses: all of them, here.
 
 Each has no public equivalent. `missing()` lists the ones an installed
 version lacks; `tests/compat_test.py` fails naming them, so an upgrade that
@@ -17,6 +17,11 @@ drops one is caught by the tests rather than by a user.
 - `xla::ffi::GetXlaFfiApi()` in TensorFlow's `libtensorflow_cc.so.2`: the
   XLA FFI API of the XLA inside TensorFlow, with which the CPU kernel's
   handlers are registered (TensorFlow has no Python call for it).
+- `jax._src.interpreters.partial_eval.DynamicJaxprTracer.parent`: the
+  operation that computed a value of the function `jax.jit` traces (None
+  for its arguments). The CPU kernel writes its results over a gradient
+  the step computed, not over one it was given (`sm3_tf.kernels.native`);
+  without it, it writes over the variable, as it did before.
 """
 
 import ctypes
@@ -28,6 +33,7 @@ PRIVATE_SYMBOLS = (
      "tensorflow.python.ops.control_flow_util.GraphOrParentsInXlaContext"),
     ("tensorflow", "tensorflow.compiler.tf2xla.python.xla.call_module"),
     ("tensorflow", "libtensorflow_cc.so.2:xla::ffi::GetXlaFfiApi"),
+    ("jax", "jax._src.interpreters.partial_eval.DynamicJaxprTracer.parent"),
 )
 _GET_XLA_FFI_API = "_ZN3xla3ffi12GetXlaFfiApiEv"  # xla::ffi::GetXlaFfiApi()
 
@@ -66,7 +72,20 @@ def tf_xla_ffi_api():
     return get_api()
 
 
-def missing(packages=("keras", "tensorflow")):
+def jax_computed_in_trace(value):
+    """Whether `value` is a value of the function `jax.jit` is tracing that
+    one of its operations computed (not an argument or a constant); False
+    where this JAX does not say."""
+    try:
+        from jax._src.interpreters import partial_eval
+    except ImportError:
+        return False
+    tracer = getattr(partial_eval, "DynamicJaxprTracer", None)
+    return (tracer is not None and isinstance(value, tracer)
+            and getattr(value, "parent", None) is not None)
+
+
+def missing(packages=("keras", "tensorflow", "jax")):
     """The symbols of `PRIVATE_SYMBOLS` (of `packages`) that the installed
     versions lack, as dotted names."""
     import importlib

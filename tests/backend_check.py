@@ -4,9 +4,11 @@ Prints one JSON line with:
 - `max_diff`: the largest difference from the NumPy reference after three
   steps (a rank-3 variable, a scalar, and a 300 x 256 matrix), with SM3's
   default `cpu_kernel` ("auto": the CPU kernel where it runs, on JAX);
-- `kernel_bit_exact`, `kernel_calls` (JAX): whether `cpu_kernel=True` gives
-  the reference's numbers bit for bit, and how many kernel calls the
-  compiled step makes (None where the kernel is unavailable);
+- `kernel_bit_exact`, `kernel_calls`, `kernel_over_gradient` (JAX):
+  whether `cpu_kernel=True` gives the reference's numbers bit for bit, how
+  many kernel calls the compiled step makes, and whether it writes the
+  weight over the gradient; `computed_gradient`: the same where the step
+  computes the gradient (absent where the kernel is unavailable);
 - `nan_entries`: which entries of a (3, 4) kernel are non-finite after a
   step whose gradient has one NaN, and after one more finite step;
 - `losses`: `fit`'s first and last loss;
@@ -63,20 +65,32 @@ def nan_entries():
     return seen
 
 
-def jax_step(shape, **kwargs):
-    """`(temporary bytes / the matrix's bytes, kernel calls, final
-    variable)` of a jitted `stateless_apply` step with the state donated."""
+def jax_step(shape, computed=False, **kwargs):
+    """`(temporary bytes / the matrix's bytes, kernel calls, whether the
+    variable ends as the reference's bit for bit, whether the kernel
+    writes it over the gradient)` of a jitted `stateless_apply` step with
+    the state donated, given the gradient (`computed`: the step computes
+    it, `jax.grad` of `sum(w * g)`, exactly `g`)."""
     import jax
 
     var = keras.Variable(np.ones(shape, np.float32))
     opt = SM3(0.25, momentum=0.0, epsilon=0.0, **kwargs)
     opt.build([var])
-    step = jax.jit(lambda trainable, state, grads: opt.stateless_apply(
-        state, grads, trainable), donate_argnums=(0, 1))
+
+    def apply(trainable, state, grads):
+        if computed:
+            grads = jax.grad(lambda w: jax.numpy.sum(w[0] * grads[0]))(
+                trainable)
+        return opt.stateless_apply(state, grads, trainable)
+
+    step = jax.jit(apply, donate_argnums=(0, 1))
     trainable, state = [var.value], [v.value for v in opt.variables]
     grads = [jax.numpy.full(shape, 0.5, np.float32)]
     compiled = step.lower(trainable, state, grads).compile()
-    calls = compiled.as_text().count('custom_call_target="sm3_tf_step"')
+    calls = [line for line in compiled.as_text().splitlines()
+             if 'custom_call_target="sm3_tf_step"' in line]
+    over_gradient = any("output_to_operand_aliasing={{0}: (0, {})" in line
+                        for line in calls)
     temp = compiled.memory_analysis().temp_size_in_bytes
     rng = np.random.default_rng(1)
     ref = SM3Reference(np.ones(shape, np.float32), 0.25, 0.0, 1.0, 0.0)
@@ -85,7 +99,7 @@ def jax_step(shape, **kwargs):
         trainable, state = step(trainable, state, [g])
         ref.step(g)
     exact = bool(np.array_equal(np.asarray(trainable[0]), ref.var))
-    return temp / (np.prod(shape) * 4), calls, exact
+    return temp / (np.prod(shape) * 4), len(calls), exact, over_gradient
 
 
 def slot_layouts():
@@ -128,12 +142,17 @@ def main():
 
         result["kernel_unavailable"] = native.build("jax")
         shape = (1024, 512)
-        portable, _, _ = jax_step(shape, cpu_kernel=False)
+        portable = jax_step(shape, cpu_kernel=False)[0]
         result["step_bytes"] = {"portable": portable}
         if result["kernel_unavailable"] is None:
-            kernel, calls, exact = jax_step(shape, cpu_kernel=True)
+            kernel, calls, exact, over = jax_step(shape, cpu_kernel=True)
             result["step_bytes"]["kernel"] = kernel
             result["kernel_calls"], result["kernel_bit_exact"] = calls, exact
+            result["kernel_over_gradient"] = over
+            _, calls, exact, over = jax_step(shape, computed=True,
+                                             cpu_kernel=True)
+            result["computed_gradient"] = {
+                "calls": calls, "bit_exact": exact, "over_gradient": over}
         import jax
 
         if len(jax.devices()) >= 2:

@@ -1,4 +1,4 @@
-"""The private Keras and TensorFlow symbols sm3_tf needs exist here."""
+"""The private Keras, TensorFlow and JAX symbols sm3_tf needs exist here."""
 
 import os
 
@@ -10,11 +10,11 @@ from sm3_tf import _compat
 
 
 def test_every_private_symbol_sm3_tf_uses_is_there():
-    packages = [p for p in ("keras", "tensorflow")
+    packages = [p for p in ("keras", "tensorflow", "jax")
                 if importlib.util.find_spec(p) is not None]
     missing = _compat.missing(packages)
     assert not missing, (
-        "This Keras / TensorFlow lacks private symbols that sm3_tf uses "
+        "This Keras / TensorFlow / JAX lacks private symbols that sm3_tf uses "
         f"(listed in sm3_tf/_compat.py): {', '.join(missing)}. Pin the "
         "versions in constraints.txt, or find the symbol's new home.")
 

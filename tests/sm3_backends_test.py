@@ -62,6 +62,12 @@ def test_jax_kernel_equals_reference_and_holds_no_temporaries():
     assert result["kernel_calls"] == 1
     assert result["kernel_bit_exact"]
     assert result["step_bytes"]["kernel"] < 0.01
+    # Given the gradient, the kernel writes over the weight (writing over
+    # a gradient the step was given would copy it); where the step
+    # computes it, over the gradient, with the same numbers.
+    assert not result["kernel_over_gradient"]
+    assert result["computed_gradient"] == {
+        "calls": 1, "bit_exact": True, "over_gradient": True}
 
 
 def test_jax_slots_take_their_variable_s_layout_under_a_distribution():

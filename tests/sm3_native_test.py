@@ -134,6 +134,45 @@ def test_compiled_step_runs_the_kernel_in_place(momentum, momentum_dtype,
         assert "bf16[64,48]" in calls[0]
 
 
+@needs_kernel
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_a_gradient_the_step_computes_is_written_over(momentum):
+    # In a whole training step the gradient is computed in the program and
+    # read by nothing after the kernel, which writes the new weight over it
+    # and so waits for nothing (under XLA:CPU's default scheduler that
+    # holds SGD's bytes: tests/sm3_memory_test.py). The numbers are the
+    # reference's, bit for bit.
+    if not native._breadth_first_schedule():
+        pytest.skip("XLA_FLAGS chose XLA:CPU's memory-optimized scheduler, "
+                    "where the kernel writes over the weight")
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(64, 48)).astype(np.float32)
+    var = keras.Variable(start)
+    opt = SM3(LR, momentum=momentum, cpu_kernel=True)
+    opt.build([var])
+
+    @tf.function(jit_compile=True)
+    def step(target):
+        with tf.GradientTape() as tape:
+            loss = 0.5 * tf.reduce_sum(tf.square(var - target))
+        opt.apply_gradients([(tape.gradient(loss, var), var)])
+
+    targets = [rng.normal(size=(64, 48)).astype(np.float32) for _ in range(3)]
+    hlo = step.experimental_get_compiler_ir(targets[0])(stage="optimized_hlo")
+    calls = _custom_calls(hlo, "sm3_tf_step")
+    assert len(calls) == 1
+    # Operands (g, w, lr, acc_0, acc_1[, m]): w' over g. (XLA then copies
+    # w' into the variable's buffer, as it copies weights for SGD's step:
+    # the bytes a whole step holds are tests/sm3_memory_test.py's.)
+    assert "output_to_operand_aliasing={{0}: (0, {})" in calls[0]
+    ref = SM3Reference(start, LR, momentum, 1.0, 1e-30)
+    for target in targets:
+        gradient = ref.var - target  # exact: (w - t) times powers of two
+        step(target)
+        ref.step(gradient)
+        _assert_equals_reference(opt, var, ref)
+
+
 @st.composite
 def sparse_problems(draw):
     # An embedding-like variable (rank 2 or 3), batches of ids with repeats

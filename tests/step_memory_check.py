@@ -7,6 +7,10 @@ one JSON line: `parameters` (bytes), `accumulators` (SM3's, bytes),
 `largest` (the largest variable's bytes) and, per optimizer, the program's
 `total` and `temporary` bytes (TensorFlow also: the largest temporary of
 the per-variable programs a step that XLA does not compile launches).
+
+With `--whole_step`: the same for the whole training step (forward,
+backward, update) of an MLP whose parameters dominate its memory.
+`--optimizers=a,b`: only those of `OPTIMIZERS`.
 """
 
 import json
@@ -73,22 +77,88 @@ def jax_step(optimizer):
         [jax.ShapeDtypeStruct(s, np.float32) for s in SHAPES])
 
 
+WIDTH, LAYERS, BATCH = 512, 6, 8  # --whole_step's MLP
+
+
+def _mlp():
+    return keras.Sequential(
+        [keras.Input((WIDTH,))]
+        + [keras.layers.Dense(WIDTH, activation="relu")
+           for _ in range(LAYERS - 1)] + [keras.layers.Dense(WIDTH)])
+
+
+def _loss(y, logits):
+    return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
+        y, logits, from_logits=True))
+
+
+def tensorflow_whole_step(optimizer):
+    import tensorflow as tf
+
+    model = _mlp()
+    variables = model.trainable_variables
+    optimizer.build(variables)
+
+    @tf.function(jit_compile=True)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = _loss(y, model(x, training=True))
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables),
+                                      variables))
+        return loss
+
+    return memory.tf_step_bytes(step, tf.TensorSpec((BATCH, WIDTH)),
+                                tf.TensorSpec((BATCH,), tf.int32))
+
+
+def jax_whole_step(optimizer):
+    import jax
+
+    model = _mlp()
+    optimizer.build(model.trainable_variables)
+
+    def step(trainable, state, x, y):
+        def loss(trainable):
+            logits, _ = model.stateless_call(trainable, [], x, training=True)
+            return _loss(y, logits)
+
+        value, grads = jax.value_and_grad(loss)(trainable)
+        trainable, state = optimizer.stateless_apply(state, grads, trainable)
+        return value, trainable, state
+
+    spec = lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype)  # noqa: E731
+    return memory.jax_step_bytes(
+        jax.jit(step, donate_argnums=(0, 1)),
+        [spec(v) for v in model.trainable_variables],
+        [spec(v) for v in optimizer.variables],
+        jax.ShapeDtypeStruct((BATCH, WIDTH), np.float32),
+        jax.ShapeDtypeStruct((BATCH,), np.int32))
+
+
 def main():
     from sm3_tf.kernels import native
 
+    whole = "--whole_step" in sys.argv[1:]
     backend = keras.backend.backend()
     kernel = native.build(backend)
+    shapes = ([(WIDTH, WIDTH), (WIDTH,)] * LAYERS) if whole else SHAPES
     result = {
         "backend": backend, "kernel_unavailable": kernel,
-        "parameters": sum(int(np.prod(s)) * 4 for s in SHAPES),
+        "parameters": sum(int(np.prod(s)) * 4 for s in shapes),
         "accumulators": sum(
-            (sum(s) if len(s) > 1 else int(np.prod(s))) * 4 for s in SHAPES),
-        "largest": max(int(np.prod(s)) * 4 for s in SHAPES),
+            (sum(s) if len(s) > 1 else int(np.prod(s))) * 4 for s in shapes),
+        "largest": max(int(np.prod(s)) * 4 for s in shapes),
         "steps": {}}
+    chosen = [a.split("=", 1)[1].split(",") for a in sys.argv[1:]
+              if a.startswith("--optimizers=")]
     for name, make in OPTIMIZERS.items():
-        if "kernel" in name and kernel is not None:
+        if ("kernel" in name and kernel is not None) or (
+                chosen and name not in chosen[-1]):
             continue
-        if backend == "tensorflow":
+        if whole:
+            result["steps"][name] = (tensorflow_whole_step if backend ==
+                                     "tensorflow" else jax_whole_step)(make())
+        elif backend == "tensorflow":
             result["steps"][name] = tensorflow_step(make(), True)
             launched = tensorflow_step(make(), False) if name.startswith(
                 "sm3") else {}

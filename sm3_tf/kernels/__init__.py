@@ -53,11 +53,13 @@ class Order:
     """The order of one step's updates (module docstring).
 
     Each update on a device waits for the one before it there (`record`).
-    The CPU kernel's, which writes its variable in place, also waits, inside
+    The CPU kernel's, where it writes over its variable, also waits, inside
     a program compiled whole, for the gradient of the variable before its
     own in the model's order: backpropagation computes that one after its
     last read of this variable, and XLA would otherwise copy the variable
-    for that read (measured: one copy of each weight of an MLP).
+    for that read (measured: one copy of each weight of an MLP). Where it
+    writes over the gradient it waits for nothing
+    (`native.writes_over_gradient`).
     """
 
     def __init__(self, grads=()):
@@ -132,9 +134,11 @@ def update(settings, gradient, variable, slots, learning_rate, order=None,
         gradient = sparse.densified(gradient)
         run = tensorflow.run
     if settings.cpu_kernel and native.applies(settings, gradient, variable):
-        # In place: it waits for backpropagation's last read (`Order`).
+        # Written over the variable, it waits for backpropagation's last
+        # read of it (`Order`); over the gradient, for nothing.
         run(native.dense_update, settings, gradient, variable, slots,
-            learning_rate, order, index)
+            learning_rate, order,
+            None if native.writes_over_gradient(gradient) else index)
     else:
         run(portable.dense_update, settings, gradient, variable, slots,
             learning_rate, order)

@@ -5,10 +5,12 @@ which it writes out between them: a variable-sized temporary and three reads
 of the gradient. `native/sm3_kernel.h` does the update and both maxima in one
 pass and holds nothing of the variable's size; `native/sm3_xla_ffi.cc` makes
 it an XLA FFI handler that runs on XLA's own threads. Inside a compiled step
-it is a custom call that writes the variable, its accumulators and its
-momentum (float32 or bfloat16) over their operands: on TensorFlow through
-`XlaCallModule`, on JAX through `jax.ffi`. An embedding's sparse step
-without momentum is one more handler (TensorFlow only).
+it is a custom call that writes its results over its operands (the
+accumulators and the momentum, float32 or bfloat16, over their own; the
+variable over the gradient where the step computed it, else over the
+variable: `writes_over_gradient`): on TensorFlow through `XlaCallModule`,
+on JAX through `jax.ffi`. An embedding's sparse step without momentum is
+one more handler (TensorFlow only).
 
 It is built once per machine with the C++ compiler (`$CXX`, else `g++`),
 for this CPU (`-march=native`), against the XLA FFI headers that TensorFlow
@@ -26,6 +28,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -156,6 +159,44 @@ def _say_once(settings, reason):
 # ---------------------------------------------------------------- the steps
 
 
+def writes_over_gradient(gradient):
+    """Whether the kernel writes the variable's new value over `gradient`
+    rather than over the variable, which is what holds least where XLA:CPU
+    schedules breadth first (its default) and the program being traced
+    computed the gradient (a whole training step).
+
+    Over the variable, the kernel must wait for backpropagation's last read
+    of it (else XLA copies the variable); a breadth-first schedule computes
+    the next two gradients meanwhile and holds them (an MLP's step: SGD's
+    bytes + 2 weights'). Over the gradient it waits for nothing, and the
+    step holds SGD's bytes. XLA:CPU's memory-optimized scheduler instead
+    holds least with the variable written over (over the gradient: up to
+    2 weights more). A gradient the program was given (an apply step on its
+    own) is never written over: XLA would copy it first.
+    """
+    if not _breadth_first_schedule():
+        return False
+    if keras.backend.backend() == "tensorflow":
+        from sm3_tf.kernels import tensorflow
+
+        return tensorflow.computed_in_graph(gradient)
+    return _compat.jax_computed_in_trace(gradient)
+
+
+def _breadth_first_schedule():
+    """Whether XLA:CPU schedules the program breadth first: its default
+    ("concurrency optimized") scheduler, unless `XLA_FLAGS` chooses another
+    (`--xla_cpu_scheduler_type`, or
+    `--xla_cpu_enable_concurrency_optimized_scheduler=false`)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    kind = re.findall(r"--xla_cpu_scheduler_type=(\w+)", flags)
+    if kind and not re.search("CONCURRENCY|DEFAULT", kind[-1].upper()):
+        return False
+    enabled = re.findall(
+        r"--xla_cpu_enable_concurrency_optimized_scheduler=(\w+)", flags)
+    return not enabled or enabled[-1].lower() not in ("false", "0")
+
+
 def dense_update(settings, gradient, variable, slots, learning_rate,
                  after=None):
     """One dense step of a float32 `variable` of rank >= 2, as the kernel,
@@ -173,9 +214,12 @@ def dense_update(settings, gradient, variable, slots, learning_rate,
     operands += [read(a) for a in slots.accumulators]
     if momentum is not None:
         operands.append(read(momentum))
-    # Each result over its operand: the variable, each accumulator (read
-    # whole before any is written), the momentum.
-    aliases = [1] + [3 + a for a in range(len(shape))] + (
+    # Each result over an operand: the variable's over the gradient or the
+    # variable (`writes_over_gradient`; the kernel reads each entry of both
+    # before writing it), each accumulator over its own (read whole before
+    # any is written), the momentum over its own.
+    aliases = [0 if writes_over_gradient(gradient) else 1] + [
+        3 + a for a in range(len(shape))] + (
         [] if momentum is None else [3 + len(shape)])
     attributes = dict(dims=(shape, "i64 array"),
                       lead=(rule.split_axes(shape), "i64"),

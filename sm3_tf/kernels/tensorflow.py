@@ -63,6 +63,17 @@ def run(step, settings, gradient, variable, slots, learning_rate, order,
         order.record(device, done)
 
 
+def computed_in_graph(tensor):
+    """Whether the graph being traced computes `tensor`: not an argument of
+    the function (a `Placeholder`), a variable's value or a constant, even
+    through identities (Keras passes gradients through `IdentityN`)."""
+    if tf.executing_eagerly() or not hasattr(tensor, "op"):
+        return False
+    while tensor.op.type in ("Identity", "IdentityN"):
+        tensor = tensor.op.inputs[tensor.value_index]
+    return tensor.op.type not in ("Placeholder", "ReadVariableOp", "Const")
+
+
 def _update_in_xla(step, settings, gradient, variable, accumulators, momentum,
                    learning_rate, after):
     done = step(settings, gradient, variable, Slots(accumulators, momentum),

@@ -88,7 +88,7 @@ struct StepArgs {
   long rows, cols;
   const float* g;
   const float* w;
-  float* w_out;      // may equal w
+  float* w_out;      // may equal w or g
   const void* m;     // float or bfloat16, as `momentum` says; may equal m_out
   void* m_out;
   Momentum momentum;

@@ -10,9 +10,10 @@
 // view of sm3_tf.rule.split_axes). acc_a has dims[a] entries. m is float32
 // or bfloat16 (attribute momentum: 0 none, 1 float32, 2 bfloat16).
 // Attributes: dims (i64 array: the variable's shape), lead, momentum (i64),
-// mu, one_minus_mu (1 - mu, rounded once), eps (f32). sm3_tf declares every result over its operand: each entry
-// of w and m is read before it is written, and the accumulators are read
-// whole before any of them is written.
+// mu, one_minus_mu (1 - mu, rounded once), eps (f32). sm3_tf declares every
+// result over an operand (w' over g or over w, the others over their own):
+// each entry of g, w and m is read before it is written, and the
+// accumulators are read whole before any of them is written.
 //
 //   sm3_tf_sparse: (ids, values, w, lr, acc_0, ..., acc_k) -> (w', acc_0', ...)
 // an embedding's sparse step without momentum: only the rows in `ids` are
