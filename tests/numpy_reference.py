@@ -12,8 +12,9 @@ class SM3Reference:
     """Dense SM3-II on one NumPy array, one `step(grad)` at a time.
 
     `momentum_dtype`: None (the variable's) or "bfloat16": the momentum is
-    stored rounded to it, its arithmetic done in the variable's dtype, and
-    the variable steps by the momentum as stored.
+    stored rounded to it (from float32: a float64 momentum is rounded to
+    float32 first), its arithmetic done in the variable's dtype, and the
+    variable steps by the momentum as stored.
     """
 
     def __init__(self, var, learning_rate=0.1, momentum=0.9, beta2=1.0,
@@ -69,6 +70,8 @@ class SM3Reference:
         if self.momentum > 0:
             m = self.m.astype(self.var.dtype)
             m = self.momentum * m + (1 - self.momentum) * u
+            if self.stored is ml_dtypes.bfloat16:
+                m = m.astype(np.float32)  # bfloat16 is rounded from float32
             self.m = m.astype(self.stored)  # stored, then stepped by
             self.var = self.var - self.lr * self.m.astype(self.var.dtype)
         else:

@@ -281,6 +281,28 @@ def test_float64_computes_in_float64():
     np.testing.assert_allclose(var.numpy(), ref.var, rtol=1e-14)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_bfloat16_momentum_of_a_float64_variable_rounds_through_float32(
+        jit_compile):
+    # m = 1 - momentum = 0.5 + 2^-9 + 2^-31: rounded to float32 it is the tie
+    # 0.5 + 2^-9, which bfloat16 rounds to even, 0.5; rounded once,
+    # directly, it would be 0.5 + 2^-8. TensorFlow and XLA round through
+    # float32, and so does the spec (docs/spec.md).
+    momentum = 0.5 - 2**-9 - 2**-31
+    var = keras.Variable(np.full((2, 2), 2.0), dtype="float64")
+    opt = SM3(learning_rate=1.0, momentum=momentum, epsilon=0.0,
+              momentum_dtype="bfloat16")
+    opt.build([var])
+    step = tf.function(lambda g: opt.apply_gradients([(g, var)]),
+                       jit_compile=jit_compile)
+    step(tf.ones((2, 2), tf.float64))  # u = 1, so m = 1 - momentum
+    np.testing.assert_array_equal(var.numpy(), np.full((2, 2), 1.5))
+    ref = SM3Reference(np.full((2, 2), 2.0), 1.0, momentum, epsilon=0.0,
+                       momentum_dtype="bfloat16")
+    ref.step(np.ones((2, 2)))
+    np.testing.assert_array_equal(ref.var, var.numpy())
+
+
 def test_package_exports():
     assert sm3_tf.SM3 is SM3
     assert sm3_tf.QuadraticWarmup is sm3_tf.schedules.QuadraticWarmup
