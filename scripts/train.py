@@ -104,6 +104,10 @@ def main(argv):
     if "eval_seconds" in result:
         line += ": " + result["task"].quality_line(result)
     print(f"{line} ({minutes}m{seconds:02d}s on this run).", flush=True)
+    if result["start_step"] >= config.train_steps:
+        print(f"Nothing was trained: {config.model_dir} already holds step "
+              f"{result['start_step']}. Pass another --model_dir (or delete "
+              "that one) to train from scratch.", flush=True)
     print(f"Final weights sha256 {result['weights_sha256']}", flush=True)
     return 0
 

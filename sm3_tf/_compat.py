@@ -22,10 +22,17 @@ drops one is caught by the tests rather than by a user.
   for its arguments). The CPU kernel writes its results over a gradient
   the step computed, not over one it was given (`sm3_tf.kernels.native`);
   without it, it writes over the variable, as it did before.
+
+And one difference between supported Keras versions, read once:
+`ADD_VARIABLE_TAKES_LAYOUT`, whether `Optimizer.add_variable` places a
+variable by `layout` under a Keras distribution (3.9 and later).
 """
 
 import ctypes
+import inspect
 import os
+
+import keras
 
 PRIVATE_SYMBOLS = (
     ("keras", "keras.optimizers.Optimizer._get_variable_index"),
@@ -36,6 +43,9 @@ PRIVATE_SYMBOLS = (
     ("jax", "jax._src.interpreters.partial_eval.DynamicJaxprTracer.parent"),
 )
 _GET_XLA_FFI_API = "_ZN3xla3ffi12GetXlaFfiApiEv"  # xla::ffi::GetXlaFfiApi()
+
+ADD_VARIABLE_TAKES_LAYOUT = "layout" in inspect.signature(
+    keras.optimizers.Optimizer.add_variable).parameters
 
 
 def variable_index(optimizer, variable):

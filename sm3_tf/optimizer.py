@@ -1,7 +1,6 @@
 """`sm3_tf.SM3`: the SM3-II optimizer as a Keras 3 optimizer."""
 
 import dataclasses
-import inspect
 import math
 import numbers
 from typing import Any, Tuple
@@ -308,8 +307,7 @@ def _slot_layout(variable, axis):
     accumulator); None without a distribution, or on a Keras whose
     optimizers place no variable by layout (before 3.9)."""
     distribution = keras.distribution.distribution()
-    if distribution is None or "layout" not in inspect.signature(
-            keras.optimizers.Optimizer.add_variable).parameters:
+    if distribution is None or not _compat.ADD_VARIABLE_TAKES_LAYOUT:
         return None
     layout = distribution.get_variable_layout(variable)
     if layout is None or axis in ("all", None):

@@ -91,11 +91,29 @@ def dense_step(grad, accumulators, beta2, epsilon):
     if len(shape) <= 1:
         nu = second_moment(accumulators[0], grad, beta2)
         return preconditioned(grad, nu, epsilon), [nu]
-    prev = estimate(accumulators, shape)
-    matrix = ops.reshape(grad, tuple(prev.shape))
-    nu = second_moment(prev, matrix, beta2)
+    matrix, nu = _matrix_second_moment(grad, accumulators, beta2)
     update = ops.reshape(preconditioned(matrix, nu, epsilon), shape)
     return update, axis_maxima(nu, shape)
+
+
+def matrix_update(grad, accumulators, beta2, epsilon):
+    """`u` alone, for `grad` of rank >= 2: `dense_step`'s first half."""
+    matrix, nu = _matrix_second_moment(grad, accumulators, beta2)
+    return ops.reshape(preconditioned(matrix, nu, epsilon), tuple(grad.shape))
+
+
+def matrix_statistics(grad, accumulators, beta2):
+    """The new accumulators alone, for `grad` of rank >= 2: `dense_step`'s
+    second half."""
+    _, nu = _matrix_second_moment(grad, accumulators, beta2)
+    return axis_maxima(nu, tuple(grad.shape))
+
+
+def _matrix_second_moment(grad, accumulators, beta2):
+    """`(grad, nu)` in the (rows, cols) view of `grad`'s shape."""
+    prev = estimate(accumulators, tuple(grad.shape))
+    matrix = ops.reshape(grad, tuple(prev.shape))
+    return matrix, second_moment(prev, matrix, beta2)
 
 
 def _laid_min(vectors):

@@ -12,6 +12,8 @@ Prints one JSON line with:
 - `nan_entries`: which entries of a (3, 4) kernel are non-finite after a
   step whose gradient has one NaN, and after one more finite step;
 - `losses`: `fit`'s first and last loss;
+- on PyTorch, `float64_bf16_momentum`: a float64 variable after one step
+  with bfloat16 momentum, at the tie that shows how it was rounded;
 - `cpu_kernel_error`: the error for `cpu_kernel=True` where it cannot be;
 - on JAX, `step_bytes`: the compiled `stateless_apply` step's temporary
   bytes over the matrix's bytes, for each path (`memory_analysis`);
@@ -120,10 +122,24 @@ def slot_layouts():
     return {v.name: list(v.value.sharding.spec) for v in opt.variables[2:]}
 
 
+def float64_variable_with_bfloat16_momentum():
+    """A float64 variable's value after one step whose bfloat16 momentum is
+    the tie that tells rounding through float32 (1.5, the spec) from
+    rounding directly (about 1.496): tests/sm3_spec_test.py's case."""
+    var = keras.Variable(np.full((2, 2), 2.0), dtype="float64")
+    opt = SM3(learning_rate=1.0, momentum=0.5 - 2**-9 - 2**-31, epsilon=0.0,
+              momentum_dtype="bfloat16")
+    opt.apply_gradients([(keras.ops.ones((2, 2), dtype="float64"), var)])
+    return keras.ops.convert_to_numpy(var).tolist()
+
+
 def main():
     result = {"backend": keras.backend.backend(),
               "max_diff": reference_diff("auto"),
               "nan_entries": nan_entries()}
+    if keras.backend.backend() == "torch":  # JAX keeps float32 without x64
+        result["float64_bf16_momentum"] = (
+            float64_variable_with_bfloat16_momentum())
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)),
                               keras.layers.Dense(8, activation="relu"),

@@ -128,13 +128,15 @@ def test_each_log_line_is_printed_once(tmp_path):
     assert any("step 2/2" in m for m in logged), output[-3000:]
     assert any("PreemptionCheckpointHandler" in m for m in logged), (
         output[-3000:])  # a line from TensorFlow's own Python logger
-    # What `import tensorflow` alone prints, in the script's environment
-    # (with oneDNN on, TensorFlow's C++ runtime says so twice), is not ours.
-    bare = subprocess.run(
-        [sys.executable, "-c", "import tensorflow"], capture_output=True,
-        text=True, timeout=120,
-        env=_env(TF_ENABLE_ONEDNN_OPTS=os.environ.get("TF_ENABLE_ONEDNN_OPTS",
-                                                      "1")))
+    # What loading the script and TensorFlow prints before anything runs
+    # (with oneDNN on, TensorFlow's C++ runtime says so twice) is not ours:
+    # train.py imported as a module sets its environment as a run does.
+    load = ("import sys; sys.argv = ['train.py']; "
+            f"sys.path.insert(0, {os.path.dirname(TRAIN)!r}); "
+            "import train, tensorflow")
+    bare = subprocess.run([sys.executable, "-c", load], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env=_env())
+    assert bare.returncode == 0, bare.stderr[-3000:]
     logged -= messages(bare.stdout + bare.stderr)
     repeated = sorted(m for m, n in logged.items() if n > 1)
     assert not repeated, "\n".join(repeated) + "\n---\n" + output[-3000:]

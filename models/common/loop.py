@@ -106,7 +106,8 @@ def train(task, strategy, optimizer_fn, config):
     """Trains (resuming from `config.model_dir`), evaluates; returns the metrics.
 
     `optimizer_fn()` builds the optimizer; it is called under the strategy's
-    scope. Returns a dict with `step`, `loss` (of the last loop, None when
+    scope. Returns a dict with `step`, `start_step` (the checkpoint's it
+    resumed from, 0 for a fresh run), `loss` (of the last loop, None when
     nothing was left to train), the last evaluation's metrics and
     `preempted` (True when SIGTERM stopped the run after saving).
 
@@ -206,7 +207,8 @@ def train(task, strategy, optimizer_fn, config):
 
     eval_fn = _make_evaluator(task, strategy, model, global_batch, config)
     log = _MetricsLog(model_dir, is_chief)
-    result = {"step": start_step, "loss": None, "preempted": False}
+    result = {"step": start_step, "start_step": start_step, "loss": None,
+              "preempted": False}
     current = start_step
     run_start = time.time()
     try:

@@ -8,7 +8,8 @@ chooses how to run it:
 - `native`: the CPU kernel, one pass over the gradient that writes the
   variable and its state in place, where `cpu_kernel` asks for it and it
   can run (a float32 matrix, `beta2 == 1`, inside an XLA program on a CPU).
-- `portable`: the rule as `keras.ops` (`sm3_tf.rule`), everywhere else.
+- `portable`: the rule as `keras.ops` (`sm3_tf.rule`), everywhere else
+  (in a whole step compiled as one, `portable.dense_update_in_step`).
 
 On TensorFlow `tensorflow.run` places the chosen step: traced into the
 enclosing XLA program, or else compiled as one XLA program per variable
@@ -140,8 +141,24 @@ def update(settings, gradient, variable, slots, learning_rate, order=None,
             learning_rate, order,
             None if native.writes_over_gradient(gradient) else index)
     else:
-        run(portable.dense_update, settings, gradient, variable, slots,
+        run(portable.dense_update_in_step if _computed_here(gradient)
+            else portable.dense_update, settings, gradient, variable, slots,
             learning_rate, order)
+
+
+def _computed_here(gradient):
+    """Whether the XLA program being traced computed `gradient` (a whole
+    training step compiled as one), rather than was given it."""
+    if keras.backend.backend() == "tensorflow":
+        from sm3_tf.kernels import tensorflow
+
+        return (tensorflow.in_xla_program()
+                and tensorflow.computed_in_graph(gradient))
+    if keras.backend.backend() == "jax":
+        from sm3_tf import _compat
+
+        return _compat.jax_computed_in_trace(gradient)
+    return False
 
 
 def _run_here(step, settings, gradient, variable, slots, learning_rate,
