@@ -181,8 +181,8 @@ def test_a_whole_training_step_holds_what_sgds_holds(backend, path):
     # bytes (written over the weight, it held 2 weights more). The
     # portable step holds one weight's `nu` more: its update computes `nu`
     # again rather than read it back, so it follows its gradient as SGD's
-    # does (reading it back, it held 1-2 gradients more: TensorFlow 1.69x
-    # the parameters' bytes where the bound is 1.38x).
+    # does (an update that reads it back holds 1-2 gradients more:
+    # TensorFlow 1.69x the parameters' bytes where the bound is 1.38x).
     _skip_without(backend)
     r = _step_memory(backend, *WHOLE_STEP[path])
     _each_holds_at_most(r, path, extra=r["largest"] if path == "portable"

@@ -141,12 +141,12 @@ def update(settings, gradient, variable, slots, learning_rate, order=None,
             learning_rate, order,
             None if native.writes_over_gradient(gradient) else index)
     else:
-        run(portable.dense_update_in_step if _computed_here(gradient)
+        run(portable.dense_update_in_step if computed_here(gradient)
             else portable.dense_update, settings, gradient, variable, slots,
             learning_rate, order)
 
 
-def _computed_here(gradient):
+def computed_here(gradient):
     """Whether the XLA program being traced computed `gradient` (a whole
     training step compiled as one), rather than was given it."""
     if keras.backend.backend() == "tensorflow":

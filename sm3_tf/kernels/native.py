@@ -40,6 +40,7 @@ import numpy as np
 
 from sm3_tf import _compat
 from sm3_tf import rule
+from sm3_tf.kernels import computed_here
 from sm3_tf.kernels import gate
 
 _NATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
@@ -174,13 +175,7 @@ def writes_over_gradient(gradient):
     2 weights more). A gradient the program was given (an apply step on its
     own) is never written over: XLA would copy it first.
     """
-    if not _breadth_first_schedule():
-        return False
-    if keras.backend.backend() == "tensorflow":
-        from sm3_tf.kernels import tensorflow
-
-        return tensorflow.computed_in_graph(gradient)
-    return _compat.jax_computed_in_trace(gradient)
+    return _breadth_first_schedule() and computed_here(gradient)
 
 
 def _breadth_first_schedule():

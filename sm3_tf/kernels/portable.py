@@ -22,7 +22,8 @@ def dense_update(settings, gradient, variable, slots, learning_rate,
     training step from freeing each gradient early (XLA:CPU held 5 more
     weights' worth at once).
     """
-    accumulators, grad, matrix = _read(gradient, variable, slots)
+    matrix = _is_matrix(variable, slots)
+    accumulators, grad = _read(gradient, slots)
     if matrix:
         accumulators[0] = gate(accumulators[0], after)
     update, new_accumulators = rule.dense_step(
@@ -39,20 +40,20 @@ def dense_update_in_step(settings, gradient, variable, slots, learning_rate,
     """`dense_update` for a gradient the program computed (a whole training
     step): a matrix's update computes `nu` again inside its own pass.
 
-    Reading the written-out `nu`, the update ran two passes after its
+    An update that reads the written-out `nu` runs two passes after its
     gradient where SGD's runs one, and XLA:CPU's default scheduler, which
-    runs a program level by level, computed the next gradient first, into a
-    buffer of its own (measured: one to two weights' worth more than SGD's
-    whole step; docs/memory.md). Each half waits for `after` through a
-    different accumulator, so that XLA cannot merge them back into one
-    `nu`; the new accumulators are written once the update has read the old
-    ones, else XLA copies each of them first. (Given its gradient, the
-    update gains nothing from this and ran up to 13% slower: `dense_update`.)
+    runs a program level by level, computes the next gradient first, into
+    a buffer of its own (one to two weights' worth more than SGD's whole
+    step; docs/memory.md). Each half waits for `after` through a different
+    accumulator, so that XLA cannot merge them back into one `nu`; the new
+    accumulators are written once the update has read the old ones, else
+    XLA copies each of them first. (Given its gradient, the update gains
+    nothing from this and runs up to 13% slower: `dense_update`.)
     """
-    accumulators, grad, matrix = _read(gradient, variable, slots)
-    if not matrix:
+    if not _is_matrix(variable, slots):
         return dense_update(settings, gradient, variable, slots,
                             learning_rate, after)
+    accumulators, grad = _read(gradient, slots)
     update = rule.matrix_update(
         grad, accumulators[:-1] + [gate(accumulators[-1], after)],
         settings.beta2, settings.epsilon)
@@ -67,13 +68,15 @@ def dense_update_in_step(settings, gradient, variable, slots, learning_rate,
     return token(new_accumulators + written)
 
 
-def _read(gradient, variable, slots):
-    """The accumulators' values, the gradient in their dtype, and whether
-    the variable is a matrix (rank >= 2)."""
+def _is_matrix(variable, slots):
+    """Whether `variable` keeps one accumulator per axis (rank >= 2)."""
+    return len(slots.accumulators) > 1 or len(variable.shape) > 1
+
+
+def _read(gradient, slots):
+    """The accumulators' values, and the gradient in their dtype."""
     accumulators = [ops.convert_to_tensor(a) for a in slots.accumulators]
-    grad = ops.cast(gradient, accumulators[0].dtype)
-    return (accumulators, grad,
-            len(accumulators) > 1 or len(variable.shape) > 1)
+    return accumulators, ops.cast(gradient, accumulators[0].dtype)
 
 
 def apply_update(settings, variable, momentum, update, learning_rate):
