@@ -22,7 +22,7 @@ def dense_update(settings, gradient, variable, slots, learning_rate,
     training step from freeing each gradient early (XLA:CPU held 5 more
     weights' worth at once).
     """
-    matrix = _is_matrix(variable, slots)
+    matrix = _is_matrix(variable)
     accumulators, grad = _read(gradient, slots)
     if matrix:
         accumulators[0] = gate(accumulators[0], after)
@@ -50,7 +50,7 @@ def dense_update_in_step(settings, gradient, variable, slots, learning_rate,
     XLA copies each of them first. (Given its gradient, the update gains
     nothing from this and runs up to 13% slower: `dense_update`.)
     """
-    if not _is_matrix(variable, slots):
+    if not _is_matrix(variable):
         return dense_update(settings, gradient, variable, slots,
                             learning_rate, after)
     accumulators, grad = _read(gradient, slots)
@@ -68,9 +68,9 @@ def dense_update_in_step(settings, gradient, variable, slots, learning_rate,
     return token(new_accumulators + written)
 
 
-def _is_matrix(variable, slots):
+def _is_matrix(variable):
     """Whether `variable` keeps one accumulator per axis (rank >= 2)."""
-    return len(slots.accumulators) > 1 or len(variable.shape) > 1
+    return len(variable.shape) > 1
 
 
 def _read(gradient, slots):
