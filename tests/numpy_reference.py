@@ -69,14 +69,35 @@ class SM3Reference:
         u = u.astype(self.var.dtype)
         if self.momentum > 0:
             m = self.m.astype(self.var.dtype)
-            m = self.momentum * m + (1 - self.momentum) * u
-            if self.stored is ml_dtypes.bfloat16:
-                m = m.astype(np.float32)  # bfloat16 is rounded from float32
-            self.m = m.astype(self.stored)  # stored, then stepped by
-            self.var = self.var - self.lr * self.m.astype(self.var.dtype)
+            self.velocity = self.momentum * m + (1 - self.momentum) * u
+            self._before = self.var
+            self.continue_from(self._rounded(self.velocity))
         else:
             self.var = self.var - self.lr * u
         return self.var
+
+    def _rounded(self, m):
+        """`m` as the momentum is stored."""
+        if self.stored is ml_dtypes.bfloat16:
+            m = np.asarray(m).astype(np.float32)  # rounded from float32
+        return np.asarray(m).astype(self.stored)
+
+    def stored_momentum_bounds(self, rtol, atol):
+        """The least and the greatest stored momentum that a velocity within
+        `rtol`, `atol` of the last step's rounds to: float arithmetic's
+        freedom in the last bits (a fused multiply-add, say) moves a
+        velocity by an ulp, and stored in bfloat16 one that close to a
+        rounding midpoint rounds to either neighbour. Away from midpoints
+        both bounds are the step's own stored value."""
+        v = self.velocity.astype(np.float64)
+        tolerance = atol + rtol * np.abs(v)
+        return self._rounded(v - tolerance), self._rounded(v + tolerance)
+
+    def continue_from(self, stored_momentum):
+        """Takes `stored_momentum` as the last step's stored momentum and
+        steps the variable by it (from where the last step began)."""
+        self.m = np.asarray(stored_momentum).astype(self.stored)
+        self.var = self._before - self.lr * self.m.astype(self.var.dtype)
 
 
 def dense_from_slices(indices, values, num_rows):
